@@ -1,0 +1,32 @@
+"""The shared example model: shapes, parameter count and reproducibility."""
+
+import pytest
+import torch
+
+from examples.gpt import GPT, GPTConfig, synthetic_batch
+
+
+def test_param_count_matches_config():
+    for tie in (True, False):
+        cfg = GPTConfig(n_layer=2, n_embd=32, n_head=4, tie_weights=tie)
+        model = GPT(cfg)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_loss_is_reproducible():
+    cfg = GPTConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=64, seq_len=16)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        x, y = synthetic_batch(cfg, 3, torch.Generator().manual_seed(1))
+        losses.append(model(x, y))
+    assert losses[0].shape == ()
+    assert torch.equal(losses[0], losses[1])
+    # Untrained logits are near uniform, so the loss is near log(vocab).
+    assert abs(losses[0].item() - torch.log(torch.tensor(64.0)).item()) < 0.5
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPTConfig(n_embd=30, n_head=4)
