@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one GPU check of this project. Run from the repository root on a machine with one NVIDIA GPU:
+#
+#     bash benchmarks/gpu_check.sh            # results under $OUT, else benchmarks/results/gpu_check
+#
+# It runs the gpu-marked tests, the quick variants of the GPU benchmarks and the end-to-end example
+# under a memory limit, each under its own time limit so the whole check stays under 6 minutes, and
+# prints a summary table last. On a machine without CUDA it runs the same steps on the CPU (the
+# gpu tests then skip), which is how the script itself is checked in development.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STEPS="$OUT/steps.tsv"
+: >"$STEPS"
+
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+$PY - <<'PYEOF'
+import torch
+card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
+print(f"torch {torch.__version__}, device: {card}")
+PYEOF
+
+# step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs to $OUT/NAME.log.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STEPS"
+}
+
+step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests
+step memory_vs_speed 90 $PY benchmarks/memory_vs_speed.py --quick --out "$OUT/memory_vs_speed.json"
+step model_size 90 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
+step train_gpt 45 $PY examples/train_gpt.py --steps 20 --limit 256MiB --min-size 64KiB \
+    --n-layer 8 --n-embd 1024 --n-head 16 --seq-len 512 --batch 8 --json "$OUT/train_gpt.json"
+
+$PY benchmarks/summarize.py "$OUT"
