@@ -1,0 +1,389 @@
+"""Saved-tensor hooks that swap activations under the limit, and their prefetch.
+
+# NOTE [Activation swapping]
+# 1. Scope. A forward pre-hook on the root module pushes
+#    ``torch.autograd.graph.saved_tensors_hooks``; a forward hook registered with
+#    ``always_call=True`` pops it, so an exception in forward cannot leave it on.
+#    Only training forwards with grad enabled are touched: an eval or ``no_grad``
+#    forward saves nothing and runs exactly as without LMS.
+# 2. What may move. Plain strided tensors on the model's device whose storage is
+#    at least ``min_size``. Never parameters, views of parameters, buffers, or
+#    leaves that require grad (the user holds those; moving them frees nothing).
+#    Tensor subclasses are left alone.
+# 3. Storages, not tensors. Everything is keyed by the storage: a tensor saved
+#    twice, or several views of one storage (``q, k, v = qkv.split(...)``), is one
+#    entry, moved once. Autograd keeps a small ``_Packed`` (entry + view geometry);
+#    unpacking rebuilds the exact view with ``set_``, so values are bitwise equal.
+#    Entries are found again by the storage's data pointer, checked against a weak
+#    reference to the storage so a recycled address is never mistaken for it.
+# 4. Life of an entry (``Where``): DEVICE -> OUTGOING (copy to host in flight;
+#    the device memory is freed only once the copy's event has completed) -> HOST
+#    -> INCOMING (prefetch in flight) -> BOTH (in use in backward; the host copy
+#    is kept, so evicting it again is free) -> DEAD when autograd drops the last
+#    ``_Packed``. An entry needed while still OUTGOING is used from the device.
+# 5. Limit. Each new entry is charged to the shared budget (NOTE [Memory budget]);
+#    if the budget is exceeded the oldest-saved resident entries are evicted
+#    (NOTE [Swap policy], Rule 1).
+# 6. Prefetch. In backward, each unpack issues host-to-device copies for the next
+#    swapped entries in reverse save order, within the headroom, at least
+#    ``lookahead`` of them (NOTE [Swap policy], Rule 2). The compute stream waits
+#    on the copy's event, never the host (NOTE [Copy ordering]).
+# 7. Threads. Pack runs on the forward thread, unpack on autograd's device
+#    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
+#    hold ``runtime.lock``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import sys
+import weakref
+from collections import OrderedDict, deque
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .policy import is_swappable_size, must_wait_for_copies, plan_evictions, plan_prefetch
+from .runtime import Runtime, is_oom
+from .transfer import Copy
+
+__all__ = ["ActivationSwapper", "Phase", "Where"]
+
+
+class Phase(enum.Enum):
+    """Where the model is in its step, as seen by the hooks."""
+
+    IDLE = "idle"  # outside the model's forward, no backward seen yet
+    FORWARD = "forward"  # inside a training forward: tensors are being saved
+    BACKWARD = "backward"  # saved tensors are being unpacked
+
+
+class Where(enum.Enum):
+    """Where one saved storage lives (NOTE [Activation swapping], Rule 4)."""
+
+    DEVICE = "device"
+    OUTGOING = "outgoing"
+    HOST = "host"
+    INCOMING = "incoming"
+    BOTH = "both"
+    DEAD = "dead"
+
+
+class _Entry:
+    """One saved storage and where it lives."""
+
+    __slots__ = (
+        "seq",
+        "nbytes",
+        "ptr",
+        "storage_ref",
+        "where",
+        "flat",
+        "block",
+        "copy",
+        "refs",
+        "wanted",
+    )
+
+    def __init__(self, seq: int, flat: torch.Tensor, storage: Any) -> None:
+        self.seq = seq
+        self.nbytes = flat.numel()
+        self.ptr = storage.data_ptr()
+        self.storage_ref = weakref.ref(storage)
+        self.where = Where.DEVICE
+        self.flat: torch.Tensor | None = flat  # uint8 view of the whole device storage
+        self.block = None  # HostBlock holding the host copy, once swapped
+        self.copy: Copy | None = None  # the copy in flight, if any
+        self.refs = 0  # live _Packed objects
+        self.wanted = False  # unpacked while OUTGOING: keep the device copy
+
+
+class _Packed:
+    """What autograd stores in place of a saved tensor: its entry and view geometry."""
+
+    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride")
+
+    def __init__(self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor) -> None:
+        self.owner = owner
+        self.entry = entry
+        self.dtype = t.dtype
+        self.offset = t.storage_offset()
+        self.size = t.size()
+        self.stride = t.stride()
+
+    def __del__(self) -> None:
+        if not sys.is_finalizing():
+            self.owner._drop(self.entry)
+
+
+class ActivationSwapper:
+    """Swaps a model's saved activations between device and host under the runtime's budget.
+
+    Args:
+        model: the module whose forward is the scope (NOTE [Activation swapping], Rule 1).
+        runtime: the shared runtime (budget, pool, streams, stats).
+
+    Example:
+        >>> from lms.config import LMSConfig
+        >>> model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 1))
+        >>> rt = Runtime(torch.device("cpu"), LMSConfig(limit=0, min_size=0))
+        >>> swapper = ActivationSwapper(model, rt)
+        >>> handles = swapper.install()
+        >>> model(torch.randn(256, 512)).sum().backward()
+        >>> rt.stats.swap_outs > 0
+        True
+    """
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.device = runtime.device
+        self.budget = runtime.budget
+        self.transfers = runtime.transfers
+        self.pool = runtime.pool
+        self.lock = runtime.lock
+        self.phase = Phase.IDLE
+        self._seq = itertools.count()
+        self._scopes: list[Any] = []  # saved_tensors_hooks contexts (None: untouched forward)
+        self._frozen: set[int] = set()  # storage pointers of parameters and buffers
+        self._index: dict[int, _Entry] = {}  # storage data_ptr -> live entry
+        self._resident: OrderedDict[int, _Entry] = OrderedDict()  # evictable, save order
+        self._outgoing: deque[_Entry] = deque()  # device-to-host copies in flight, FIFO
+        self._outgoing_bytes = 0
+        self._swapped: list[_Entry] = []  # entries ever evicted, in eviction (= save) order
+        self._prefetched: dict[int, _Entry] = {}  # INCOMING entries, not yet unpacked
+        self._cursor = -1  # prefetch position in _swapped, walking down in backward
+        self._graveyard: deque[Copy] = deque()  # copies whose entry died while in flight
+        self._largest = 0
+
+    # -- installation -------------------------------------------------------
+
+    def install(self) -> list[RemovableHandle]:
+        """Register the forward hooks that open and close the scope; returns their handles."""
+        return [
+            self.model.register_forward_pre_hook(self._enter),
+            self.model.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
+            self._scopes.append(None)
+            return
+        with self.lock:
+            self.phase = Phase.FORWARD
+            self._frozen = {
+                t.untyped_storage().data_ptr()
+                for t in itertools.chain(module.parameters(), module.buffers())
+                if t.device == self.device
+            }
+            self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
+        scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        scope.__enter__()
+        self._scopes.append(scope)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        scope = self._scopes.pop() if self._scopes else None
+        if scope is not None:
+            scope.__exit__(None, None, None)
+            with self.lock:
+                self.phase = Phase.IDLE
+                self._reap()
+
+    # -- pack: forward ------------------------------------------------------
+
+    def _eligible(self, t: torch.Tensor) -> bool:
+        """NOTE [Activation swapping], Rule 2."""
+        if type(t) is not torch.Tensor or t.device != self.device:
+            return False
+        if t.layout is not torch.strided or t.is_conj() or t.is_neg():
+            return False
+        base = t._base
+        if base is not None and type(base) is not torch.Tensor:
+            return False  # a view of a Parameter (e.g. ``weight.t()`` saved by addmm)
+        if t.is_leaf and t.requires_grad:
+            return False
+        return True
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not self._eligible(t):
+            return t
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        ptr = storage.data_ptr()
+        if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
+            return t
+        with self.lock:
+            entry = self._index.get(ptr)
+            if entry is None or entry.storage_ref() is not storage:
+                flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+                entry = _Entry(next(self._seq), flat, storage)
+                self._index[ptr] = entry
+                self._resident[entry.seq] = entry
+                self._largest = max(self._largest, nbytes)
+                self.budget.charge(nbytes)
+                entry.refs += 1  # before enforcing: an error there must not free it
+                packed = _Packed(self, entry, t)
+                self._enforce_limit()
+                return packed
+            entry.refs += 1
+            return _Packed(self, entry, t)
+
+    def _enforce_limit(self) -> None:
+        """Evict oldest-saved first until under the limit (NOTE [Swap policy], Rules 1, 3)."""
+        self._reap()
+        need = self.budget.excess()
+        if need > 0:
+            keys = plan_evictions(((e.seq, e.nbytes) for e in self._resident.values()), need)
+            for key in keys:
+                self._evict(self._resident[key])
+        while self._outgoing and must_wait_for_copies(
+            self._outgoing_bytes, self.budget.excess(), self._largest
+        ):
+            self.transfers.block_on(self._outgoing[0].copy)
+            self._reap()
+
+    def _evict(self, entry: _Entry) -> None:
+        if entry.where is Where.BOTH:
+            # The host copy is still valid (Rule 4): dropping the device copy is free.
+            del self._resident[entry.seq]
+            entry.flat = None
+            entry.where = Where.HOST
+            self.budget.release(entry.nbytes)
+            return
+        block = self.pool.acquire(entry.nbytes)  # may raise LMSError; nothing changed yet
+        del self._resident[entry.seq]
+        entry.block = block
+        entry.copy = self.transfers.to_host(entry.flat, block)
+        entry.where = Where.OUTGOING
+        self.budget.leaving(entry.nbytes)
+        self._outgoing.append(entry)
+        self._outgoing_bytes += entry.nbytes
+        self._swapped.append(entry)
+
+    def _reap(self) -> None:
+        """Finish copies whose events have completed; never blocks."""
+        while self._outgoing and self.transfers.done(self._outgoing[0].copy):
+            entry = self._outgoing.popleft()
+            self._outgoing_bytes -= entry.nbytes
+            entry.copy = None
+            if entry.refs == 0:
+                self.budget.release(entry.nbytes, leaving=True)
+                self.pool.release(entry.block)
+                entry.flat = entry.block = None
+                entry.where = Where.DEAD
+            elif entry.wanted:
+                self.budget.stay(entry.nbytes)
+                entry.wanted = False
+                entry.where = Where.BOTH
+                self._resident[entry.seq] = entry
+            else:
+                entry.flat = None  # Rule 4: freed only now that the copy is done
+                entry.where = Where.HOST
+                self.budget.release(entry.nbytes, leaving=True)
+        while self._graveyard and self.transfers.done(self._graveyard[0]):
+            self._graveyard.popleft()
+
+    # -- unpack: backward ---------------------------------------------------
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Packed):
+            return packed
+        entry = packed.entry
+        with self.lock:
+            if self.phase is not Phase.BACKWARD:
+                self.phase = Phase.BACKWARD
+                self._cursor = len(self._swapped) - 1
+            self._reap()
+            if entry.where is Where.HOST:
+                self._fetch(entry)  # not prefetched: on demand
+            if entry.where is Where.INCOMING:
+                self.transfers.wait(entry.copy)
+                entry.copy = None
+                entry.where = Where.BOTH
+                del self._prefetched[entry.seq]
+                self._resident[entry.seq] = entry
+            elif entry.where is Where.OUTGOING:
+                entry.wanted = True
+            flat = entry.flat
+            self._prefetch()
+        out = torch.empty(0, dtype=packed.dtype, device=self.device)
+        return out.set_(flat.untyped_storage(), packed.offset, packed.size, packed.stride)
+
+    def _fetch(self, entry: _Entry) -> None:
+        try:
+            copy = self.transfers.to_device(entry.block, entry.nbytes)
+        except RuntimeError as e:
+            if is_oom(e):
+                raise self.runtime.oom_error(e, "while bringing a saved tensor back") from e
+            raise
+        entry.copy = copy
+        entry.flat = copy.tensor
+        entry.where = Where.INCOMING
+        self.budget.charge(entry.nbytes)
+        self._prefetched[entry.seq] = entry
+
+    def _prefetch(self) -> None:
+        """Issue the next host-to-device copies (NOTE [Swap policy], Rule 2)."""
+        seen: list[int] = []
+
+        def candidates():
+            i = self._cursor
+            while i >= 0:
+                e = self._swapped[i]
+                if e.where is Where.HOST:
+                    seen.append(i)
+                    yield e.seq, e.nbytes
+                i -= 1
+
+        lookahead = self.runtime.config.lookahead
+        keys = plan_prefetch(candidates(), self.budget.headroom(), len(self._prefetched), lookahead)
+        for k in range(len(keys)):
+            self._fetch(self._swapped[seen[k]])
+        if keys:
+            self._cursor = seen[len(keys) - 1] - 1
+
+    # -- death --------------------------------------------------------------
+
+    def _drop(self, entry: _Entry) -> None:
+        """One ``_Packed`` of ``entry`` was freed by autograd."""
+        with self.lock:
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            if self._index.get(entry.ptr) is entry:
+                del self._index[entry.ptr]
+            where = entry.where
+            if where is Where.OUTGOING:
+                return  # _reap frees it once the copy is done
+            if where in (Where.DEVICE, Where.BOTH):
+                self._resident.pop(entry.seq, None)
+                self.budget.release(entry.nbytes)
+            elif where is Where.INCOMING:
+                # The copy still writes the device buffer: keep it alive until done.
+                self._graveyard.append(entry.copy)
+                self._prefetched.pop(entry.seq, None)
+                self.budget.release(entry.nbytes)
+            if entry.block is not None:
+                self.pool.release(entry.block)
+            entry.flat = entry.block = entry.copy = None
+            entry.where = Where.DEAD
+
+    # -- teardown -----------------------------------------------------------
+
+    def drain(self) -> None:
+        """Wait for every copy in flight and finish its bookkeeping."""
+        with self.lock:
+            while self._outgoing:
+                self.transfers.block_on(self._outgoing[0].copy)
+                self._reap()
+            for copy in self._graveyard:
+                self.transfers.block_on(copy)
+            self._reap()
+
+    def live_entries(self) -> int:
+        """Entries autograd still holds (for tests and diagnostics)."""
+        with self.lock:
+            return len(self._index)

@@ -1,0 +1,294 @@
+"""LMS settings: the config dataclass, size parsing and environment overrides.
+
+Sizes are parsed here and nowhere else (``parse_size``), and the environment
+variables ``LMS_LIMIT``, ``LMS_MIN_SIZE`` and ``LMS_DISABLE`` are applied here
+and nowhere else (``resolve_config``), so every entry point agrees on them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from .errors import LMSError
+
+__all__ = [
+    "DEFAULT_HOST_FRACTION",
+    "DEFAULT_LIMIT_FRACTION",
+    "format_bytes",
+    "LMSConfig",
+    "Size",
+    "parse_size",
+    "physical_memory",
+    "resolve_config",
+]
+
+Size = int | float | str
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+
+# Like IBM LMS's later default (95% of the device), but leaving a little more
+# headroom for the allocator's fragmentation and for cuBLAS/cuDNN workspaces.
+DEFAULT_LIMIT_FRACTION = 0.9
+# Pinned memory cannot be swapped by the OS; holding more than half of RAM in
+# it starves the rest of the machine (data loaders, the page cache).
+DEFAULT_HOST_FRACTION = 0.5
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": KiB,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": MiB,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": GiB,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+_WEIGHTS = ("auto", True, False)
+
+
+def _normalize_size(value: object, name: str, allow_fraction: bool) -> int | float:
+    """Bytes as an ``int``, or a fraction in [0, 1] as a ``float``; LMSError otherwise."""
+    hint = "give bytes as an int, a string with units such as '20GiB' or '512MB'" + (
+        ", or a float in (0, 1] for a fraction of the device" if allow_fraction else ""
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise LMSError(f"{name}={value!r} is not a size; {hint}")
+    if isinstance(value, int):
+        if value < 0:
+            raise LMSError(f"{name}={value} is negative; {hint}")
+        return value
+    if isinstance(value, float):
+        if not allow_fraction:
+            if math.isfinite(value) and value >= 0 and value == int(value):
+                return int(value)
+            raise LMSError(f"{name}={value!r} is not a whole number of bytes; {hint}")
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise LMSError(f"{name}={value!r} is not a fraction in (0, 1]; {hint}")
+        return value
+    m = _SIZE_RE.match(value)
+    if m is None:
+        raise LMSError(f"{name}={value!r} cannot be parsed; {hint}")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if not allow_fraction or number > 100:
+            raise LMSError(f"{name}={value!r} is not a percentage in (0, 100]; {hint}")
+        return number / 100
+    if unit not in _UNITS:
+        raise LMSError(f"{name}={value!r} has an unknown unit {m.group(2)!r}; {hint}")
+    if unit == "" and "." in m.group(1) and allow_fraction:
+        # A bare "0.8" (typically from LMS_LIMIT) means the same as the float 0.8.
+        return _normalize_size(number, name, allow_fraction)
+    return int(number * _UNITS[unit])
+
+
+def parse_size(
+    value: Size, total: int | None = None, *, name: str = "size", allow_fraction: bool = True
+) -> int:
+    """Parse a memory size into bytes.
+
+    Args:
+        value: an int (bytes), a string with units (``"20GiB"``, ``"512MB"``,
+            ``"1.5 GB"``, ``"90%"``; KB/MB/GB are powers of 1000 and KiB/MiB/GiB
+            powers of 1024), or a float in [0, 1] meaning that fraction of ``total``.
+        total: the bytes a fraction refers to (the device's or the host's memory).
+        name: the setting's name, used in error messages.
+        allow_fraction: whether a fraction is meaningful for this setting.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        LMSError: on a negative, unparsable or out-of-range value, or a fraction
+            without a ``total``.
+
+    Example:
+        >>> parse_size("1.5 GiB")
+        1610612736
+        >>> parse_size(0.5, total=1000)
+        500
+    """
+    v = _normalize_size(value, name, allow_fraction)
+    if isinstance(v, float):
+        if total is None:
+            raise LMSError(f"{name}={value!r} is a fraction but no total is known; give bytes")
+        return int(v * total)
+    return v
+
+
+def physical_memory() -> int:
+    """Bytes of physical RAM on this machine (0 if the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def format_bytes(n: float | None) -> str:
+    """Human-readable bytes with binary units, e.g. ``'1.50 GiB'``."""
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class LMSConfig:
+    """Settings of one ``lms.enable`` call, validated and normalized on construction.
+
+    Sizes are stored normalized: an ``int`` is bytes, a ``float`` is a fraction
+    of the device's (``limit``) or the host's (``host_limit``) total memory,
+    resolved against the real device by :meth:`limit_bytes` and
+    :meth:`host_limit_bytes`.
+
+    Attributes:
+        limit: device memory budget. Saved activations (and, with weight paging,
+            parameter state) stay on the device while it holds; beyond it LMS
+            swaps out what is needed furthest in the future. ``0`` swaps every
+            eligible tensor. ``None`` means ``DEFAULT_LIMIT_FRACTION`` (0.9) of the
+            device. Overridden by ``LMS_LIMIT``.
+        min_size: tensors whose storage is smaller than this are never swapped
+            (the copy's latency would cost more than the memory is worth).
+            Default 1 MiB. Overridden by ``LMS_MIN_SIZE``.
+        weights: page parameters, gradients and optimizer state too: ``"auto"``
+            (only when they do not fit under the limit), ``True`` or ``False``.
+        host_limit: cap on the pinned host memory LMS may hold; exceeding it raises
+            ``LMSError`` rather than letting the machine run out of memory. ``None``
+            means ``DEFAULT_HOST_FRACTION`` (0.5) of physical RAM.
+        lookahead: swapped tensors prefetched ahead of their use in backward even
+            when the limit leaves no room (so that copies still overlap compute at
+            ``limit=0``); beyond this the lookahead is bounded by the limit.
+        enabled: ``False`` turns LMS into a no-op (``LMS_DISABLE=1``).
+
+    Example:
+        >>> cfg = LMSConfig(limit="20GiB", min_size="1MiB")
+        >>> cfg.limit, cfg.min_size
+        (21474836480, 1048576)
+    """
+
+    limit: Size | None = None
+    min_size: Size = MiB
+    weights: bool | str = "auto"
+    host_limit: Size | None = None
+    lookahead: int = 1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        limit = DEFAULT_LIMIT_FRACTION if self.limit is None else self.limit
+        object.__setattr__(self, "limit", _normalize_size(limit, "limit", True))
+        min_size = _normalize_size(self.min_size, "min_size", False)
+        object.__setattr__(self, "min_size", min_size)
+        host = DEFAULT_HOST_FRACTION if self.host_limit is None else self.host_limit
+        object.__setattr__(self, "host_limit", _normalize_size(host, "host_limit", True))
+        if not (self.weights is True or self.weights is False or self.weights == "auto"):
+            raise LMSError(f"weights={self.weights!r} must be 'auto', True or False")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int):
+            raise LMSError(f"lookahead={self.lookahead!r} must be an int >= 0")
+        if self.lookahead < 0:
+            raise LMSError(f"lookahead={self.lookahead} must be >= 0")
+        if not isinstance(self.enabled, bool):
+            raise LMSError(f"enabled={self.enabled!r} must be True or False")
+
+    def limit_bytes(self, device_total: int) -> int:
+        """The limit in bytes on a device with ``device_total`` bytes.
+
+        Raises:
+            LMSError: if the limit is larger than the device.
+        """
+        limit = parse_size(self.limit, device_total, name="limit")
+        if device_total and limit > device_total:
+            raise LMSError(
+                f"limit {format_bytes(limit)} is larger than the device's "
+                f"{format_bytes(device_total)}; lower limit (a float such as 0.9 means "
+                "a fraction of the device)"
+            )
+        return limit
+
+    def host_limit_bytes(self, host_total: int | None = None) -> int:
+        """The pinned-host cap in bytes (``host_total`` defaults to physical RAM)."""
+        total = physical_memory() if host_total is None else host_total
+        return parse_size(self.host_limit, total, name="host_limit")
+
+
+def _env_flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise LMSError(f"LMS_DISABLE={value!r} is not understood; use LMS_DISABLE=1 or unset it")
+
+
+def resolve_config(
+    limit: Size | None = None,
+    min_size: Size | None = None,
+    *,
+    weights: bool | str | None = None,
+    host_limit: Size | None = None,
+    lookahead: int | None = None,
+    config: LMSConfig | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LMSConfig:
+    """Build the effective config: ``config`` (or defaults), then arguments, then env.
+
+    Environment variables win over arguments so that a script can be tuned
+    without edits: ``LMS_LIMIT`` and ``LMS_MIN_SIZE`` take the same forms as the
+    arguments, ``LMS_DISABLE=1`` turns LMS off.
+
+    Args:
+        limit, min_size, weights, host_limit, lookahead: override ``config``'s fields
+            when not ``None``.
+        config: a base config (defaults if ``None``).
+        env: the environment to read (``os.environ`` if ``None``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        LMSError: on any invalid setting, naming the environment variable when the
+            bad value came from there.
+
+    Example:
+        >>> resolve_config(limit="2GiB", env={"LMS_LIMIT": "1GiB"}).limit
+        1073741824
+    """
+    env = os.environ if env is None else env
+    cfg = config if config is not None else LMSConfig()
+    if not isinstance(cfg, LMSConfig):
+        raise LMSError(f"config must be an lms.LMSConfig, got {type(cfg).__name__}")
+    fields = {
+        k: v
+        for k, v in (
+            ("limit", limit),
+            ("min_size", min_size),
+            ("weights", weights),
+            ("host_limit", host_limit),
+            ("lookahead", lookahead),
+        )
+        if v is not None
+    }
+    cfg = replace(cfg, **fields)
+    for var, field in (("LMS_LIMIT", "limit"), ("LMS_MIN_SIZE", "min_size")):
+        raw = env.get(var)
+        if raw is not None and raw.strip():
+            try:
+                cfg = replace(cfg, **{field: raw.strip()})
+            except LMSError as e:
+                raise LMSError(f"environment variable {var}: {e}") from None
+    if "LMS_DISABLE" in env and _env_flag(env["LMS_DISABLE"]):
+        cfg = replace(cfg, enabled=False)
+    return cfg

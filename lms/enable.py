@@ -1,0 +1,218 @@
+"""``lms.enable``: one call that turns LMS on for a model, and the handle that undoes it."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activations import ActivationSwapper
+from .config import LMSConfig, Size, resolve_config
+from .errors import LMSError
+from .runtime import Runtime, is_oom
+from .stats import Stats
+
+__all__ = ["LMSHandle", "enable"]
+
+# Models LMS is on for, so that a second ``enable`` is refused instead of stacking.
+_ENABLED: weakref.WeakKeyDictionary[nn.Module, LMSHandle] = weakref.WeakKeyDictionary()
+
+
+class _GuardedForward:
+    """The model's own ``forward``, re-raising a device OOM as ``LMSError`` with advice.
+
+    Forward hooks cannot replace an exception (``always_call`` hooks that raise
+    are silenced), so this one thin wrapper is set as an instance attribute and
+    deleted again by ``remove``.
+    """
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        self.original = model.forward
+        self.runtime = runtime
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.original(*args, **kwargs)
+        except RuntimeError as e:
+            if is_oom(e) and not isinstance(e, LMSError):
+                raise self.runtime.oom_error(e, "in the model's forward") from e
+            raise
+
+
+class _RemoveForwardGuard:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def remove(self) -> None:
+        model = self.model()
+        if model is not None and isinstance(model.__dict__.get("forward"), _GuardedForward):
+            del model.__dict__["forward"]
+
+
+class LMSHandle:
+    """Everything one ``lms.enable`` call installed; ``remove()`` undoes all of it.
+
+    Use it as a context manager to remove LMS on exit. ``remove`` is idempotent.
+    Tensors saved before ``remove`` stay valid: a backward after it still works.
+
+    Attributes:
+        config: the effective config (arguments, then environment overrides).
+        runtime: the shared runtime (``None`` when LMS is disabled by ``LMS_DISABLE``).
+        activations: the activation swapper (``None`` when disabled).
+        weights: the weight pager's handle, when weight paging is on (else ``None``).
+
+    Example:
+        >>> import lms
+        >>> model = nn.Linear(256, 256)
+        >>> with lms.enable(model, limit=0) as handle:
+        ...     model(torch.randn(8, 256)).sum().backward()
+        >>> handle.stats().swap_outs >= 0
+        True
+    """
+
+    def __init__(self, model: nn.Module, config: LMSConfig, runtime: Runtime | None) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.activations: ActivationSwapper | None = None
+        self.weights: Any = None
+        self._model = weakref.ref(model)
+        self._handles: list[Any] = []  # anything with .remove(), undone in reverse order
+        self._removed = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LMS is active (``False`` after ``remove`` or under ``LMS_DISABLE=1``)."""
+        return self.runtime is not None and not self._removed
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters (see ``lms.Stats``)."""
+        if self.runtime is None:
+            return Stats()
+        return self.runtime.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the counters and peaks (also the allocator's peak on CUDA)."""
+        if self.runtime is not None:
+            self.runtime.reset_stats()
+
+    def remove(self) -> None:
+        """Remove every hook and wrapper, finish copies in flight, free cached host memory."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        if self.activations is not None:
+            self.activations.drain()
+        if self.runtime is not None:
+            self.runtime.close()
+        model = self._model()
+        if model is not None and _ENABLED.get(model) is self:
+            del _ENABLED[model]
+
+    def __enter__(self) -> LMSHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "on" if self.enabled else "off"
+        limit = self.runtime.limit if self.runtime is not None else None
+        return f"LMSHandle({state}, limit={limit}, min_size={self.config.min_size})"
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    params = list(model.parameters())
+    if not params:
+        raise LMSError(
+            f"{type(model).__name__} has no parameters, so LMS cannot tell its device or "
+            "what to keep resident; enable LMS on the module that owns the parameters"
+        )
+    if device is not None:
+        return torch.device(device)
+    dev = params[0].device
+    if dev.type == "meta":
+        raise LMSError("the model's parameters are on the meta device; materialize them first")
+    return dev
+
+
+def enable(
+    model: nn.Module,
+    limit: Size | None = None,
+    min_size: Size | None = None,
+    *,
+    weights: bool | str | None = None,
+    host_limit: Size | None = None,
+    lookahead: int | None = None,
+    config: LMSConfig | None = None,
+    device: torch.device | str | None = None,
+) -> LMSHandle:
+    """Turn on Large Model Support for ``model``; the training loop stays unchanged.
+
+    Saved activations stay on the device while its memory is under ``limit``;
+    beyond it, the ones needed furthest in the future are swapped to pinned host
+    memory and prefetched back ahead of their use in backward.
+
+    Args:
+        model: the model; its forward is the scope LMS acts in.
+        limit: device memory budget: bytes, a string such as ``"20GiB"``, or a float
+            in (0, 1] for a fraction of the device. ``0`` swaps every eligible
+            tensor. Default 0.9 of the device. ``LMS_LIMIT`` overrides it.
+        min_size: storages smaller than this never move. Default 1 MiB.
+            ``LMS_MIN_SIZE`` overrides it.
+        weights: page parameters, gradients and optimizer state too (``"auto"``,
+            ``True``, ``False``).
+        host_limit: cap on pinned host memory (default half of physical RAM).
+        lookahead: swapped tensors always prefetched ahead in backward (default 1).
+        config: a base ``LMSConfig``; the other arguments override its fields.
+        device: the compute device (default: the device of the model's parameters).
+
+    Returns:
+        An ``LMSHandle``: ``.stats()``, ``.remove()``, usable as a context manager.
+        With ``LMS_DISABLE=1`` the handle is inert and nothing is installed.
+
+    Raises:
+        LMSError: on a bad setting, a limit larger than the device, a model with no
+            parameters, or a model LMS is already enabled on. Nothing is changed then.
+
+    Example:
+        >>> import lms
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+        >>> handle = lms.enable(model, limit="1GiB", min_size="1MiB")
+        >>> model(torch.randn(4, 64)).sum().backward()
+        >>> handle.remove()
+    """
+    cfg = resolve_config(
+        limit, min_size, weights=weights, host_limit=host_limit, lookahead=lookahead, config=config
+    )
+    if not isinstance(model, nn.Module):
+        raise LMSError(f"lms.enable needs an nn.Module, got {type(model).__name__}")
+    if model in _ENABLED:
+        raise LMSError(
+            f"LMS is already enabled on this {type(model).__name__}; call remove() on the "
+            "first handle (or use it as a context manager) before enabling again"
+        )
+    dev = _model_device(model, device)
+    if not cfg.enabled:
+        return LMSHandle(model, cfg, None)
+    runtime = Runtime(dev, cfg)  # validates the limit against the device
+
+    handle = LMSHandle(model, cfg, runtime)
+    swapper = ActivationSwapper(model, runtime)
+    handle.activations = swapper
+    handle._handles.extend(swapper.install())
+    if "forward" not in model.__dict__:
+        model.forward = _GuardedForward(model, runtime)
+        handle._handles.append(_RemoveForwardGuard(model))
+
+    # --- weight paging attaches here (issue 4, lms/weights.py) -----------------
+    # ``attach_weight_paging(model, runtime)`` returns a handle with ``.remove()``;
+    # it decides from ``runtime.config.weights`` whether to page anything.
+    # --------------------------------------------------------------------------
+
+    _ENABLED[model] = handle
+    return handle

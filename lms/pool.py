@@ -1,0 +1,150 @@
+"""The host memory pool that swapped tensors live in.
+
+# NOTE [Host pool]
+# 1. Allocating pinned memory costs about 0.44 ms per MiB (ANCHORS.md) and
+#    serialises with the device, so it must never sit in the hot path. Blocks
+#    are kept after use and handed out again: once the first step has run, the
+#    same sizes come back every step and no allocation happens (``pinned_allocs``
+#    stays flat).
+# 2. Blocks are allocated at the size asked for (rounded up to ``ALIGN``), not to
+#    a power of two, so host memory stays close to the bytes actually swapped.
+#    A request reuses the smallest free block that fits within ``SLACK`` of it.
+# 3. Each block remembers the event of the last copy that touched it. The pool
+#    never waits on it; whoever writes the block next makes its stream wait on
+#    that event first (lms/transfer.py), so reuse is ordered on the device
+#    without a host synchronize.
+# 4. ``cap`` bounds the bytes held. Before giving up, the pool frees cached
+#    blocks; if the request still does not fit it raises ``LMSError``, long
+#    before the machine would start swapping itself to death.
+# 5. Memory is pinned only when an accelerator exists; on the CPU the same code
+#    copies into ordinary buffers, so the logic is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import threading
+from typing import Any
+
+import torch
+
+from .config import format_bytes
+from .errors import LMSError
+from .stats import Stats
+
+__all__ = ["HostBlock", "HostPool"]
+
+ALIGN = 4096  # page granularity; also keeps every dtype's view aligned
+SLACK = 1.25  # reuse a free block at most this much larger than the request
+
+
+class HostBlock:
+    """One host buffer of the pool.
+
+    Attributes:
+        buf: a flat ``uint8`` tensor of ``capacity`` bytes.
+        capacity: bytes allocated.
+        last_event: event of the last copy that read or wrote ``buf`` (or ``None``);
+            the next writer's stream must wait on it (NOTE [Host pool], rule 3).
+    """
+
+    __slots__ = ("buf", "capacity", "last_event", "_id")
+
+    def __init__(self, buf: torch.Tensor, ident: int) -> None:
+        self.buf = buf
+        self.capacity = buf.numel()
+        self.last_event: Any = None
+        self._id = ident
+
+    def view(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the block as a ``uint8`` tensor."""
+        return self.buf[:nbytes]
+
+
+class HostPool:
+    """Reusable host buffers with a cap on the bytes held.
+
+    Args:
+        cap: most bytes the pool may hold (in use plus cached).
+        pin: allocate page-locked memory (only where an accelerator exists).
+        stats: counters to charge (``pinned_allocs``, ``host_bytes``).
+
+    Example:
+        >>> pool = HostPool(cap=1 << 20, pin=False, stats=Stats())
+        >>> b = pool.acquire(1000)
+        >>> pool.release(b)
+        >>> pool.acquire(1000) is b
+        True
+    """
+
+    def __init__(self, cap: int, pin: bool, stats: Stats) -> None:
+        self.cap = cap
+        self.pin = pin
+        self.stats = stats
+        self.held_bytes = 0  # allocated, in use or cached
+        self.in_use_bytes = 0
+        self._free: list[tuple[int, int, HostBlock]] = []  # sorted by (capacity, id)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> HostBlock:
+        """A block of at least ``nbytes``: a cached one if one fits, else a new one.
+
+        Raises:
+            LMSError: if holding a new block would exceed the cap.
+        """
+        with self._lock:
+            i = bisect.bisect_left(self._free, (nbytes, -1))
+            if i < len(self._free) and self._free[i][0] <= nbytes * SLACK + ALIGN:
+                block = self._free.pop(i)[2]
+            else:
+                block = self._allocate(nbytes)
+            self.in_use_bytes += block.capacity
+            return block
+
+    def release(self, block: HostBlock, event: Any = None) -> None:
+        """Return ``block`` for reuse; ``event`` guards the copy still using it, if any."""
+        with self._lock:
+            if event is not None:
+                block.last_event = event
+            self.in_use_bytes -= block.capacity
+            bisect.insort(self._free, (block.capacity, block._id, block))
+
+    def trim(self) -> int:
+        """Free every cached block; returns the bytes freed."""
+        with self._lock:
+            return self._trim_locked()
+
+    def _trim_locked(self) -> int:
+        freed = 0
+        for _, _, block in self._free:
+            if block.last_event is not None:
+                # The device may still be copying into or out of it.
+                block.last_event.synchronize()
+            freed += block.capacity
+        self._free.clear()
+        self.held_bytes -= freed
+        self.stats.host_bytes = self.held_bytes
+        return freed
+
+    def _allocate(self, nbytes: int) -> HostBlock:
+        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        if self.held_bytes + size > self.cap:
+            self._trim_locked()
+        if self.held_bytes + size > self.cap:
+            raise LMSError(
+                f"host memory cap reached: LMS holds {format_bytes(self.held_bytes)} of host "
+                f"memory and needs {format_bytes(size)} more, over host_limit "
+                f"{format_bytes(self.cap)}; raise host_limit (if the machine has the RAM), "
+                "raise limit so that less is swapped, or use a smaller batch"
+            )
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        self.held_bytes += size
+        self.stats.pinned_allocs += 1
+        self.stats.host_bytes = self.held_bytes
+        return HostBlock(buf, next(self._ids))
+
+    def close(self) -> None:
+        """Drop every cached block (blocks in use are freed when their owners drop them)."""
+        self.trim()

@@ -1,0 +1,203 @@
+"""The per-``enable`` runtime: device, config, host pool, copy streams, stats and budget.
+
+# NOTE [Memory budget]
+# 1. One ``MemoryBudget`` per ``lms.enable`` call covers everything LMS keeps on
+#    the device: saved activations (lms/activations.py) and, with weight paging,
+#    parameters, gradients and optimizer state (lms/weights.py). Each pager
+#    ``charge``s bytes when it makes them resident and ``release``s them when it
+#    drops its last device reference.
+# 2. Bytes whose device-to-host copy is in flight are still resident (the copy
+#    reads them) but are already on their way out: a pager marks them with
+#    ``leaving(n)`` when it issues the copy and ``release(n, leaving=True)`` when
+#    the copy's event has completed. Decisions subtract leaving bytes, so one
+#    overflow does not trigger a second round of evictions while copies run.
+# 3. ``used_bytes`` is what the limit is compared with. On CUDA it is the
+#    allocator's ``memory_allocated`` (the issue's contract: activations stay on
+#    the device while the device's allocated memory is under the limit), which
+#    also sees memory LMS does not manage. On the CPU it is LMS's own accounting,
+#    so the policy is exercised exactly in CI.
+# 4. ``excess(extra)`` is how many bytes must leave for ``extra`` more bytes to
+#    fit; pagers evict until it is <= 0 (the choice of what to evict is pure
+#    policy, lms/policy.py). ``peak_resident_bytes`` in Stats is the peak of
+#    LMS's accounting (``resident_bytes``), on every device.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from .config import LMSConfig, format_bytes, physical_memory
+from .errors import LMSError
+from .pool import HostPool
+from .stats import Stats
+from .transfer import Transfers, device_module
+
+__all__ = ["MemoryBudget", "Runtime", "device_total_memory", "is_oom"]
+
+
+def device_total_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device`` (physical RAM for the CPU; 0 if unknown)."""
+    if device.type == "cpu":
+        return physical_memory()
+    mod = device_module(device)
+    try:
+        return int(mod.get_device_properties(device).total_memory)
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device allocator running out of memory."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+class MemoryBudget:
+    """The device memory budget shared by every pager of one runtime.
+
+    See NOTE [Memory budget].
+
+    Args:
+        limit: bytes of device memory LMS aims to stay under.
+        stats: counters to update (``peak_resident_bytes``, ``resident_bytes``).
+        measure: returns the device's allocated bytes, or ``None`` to use LMS's own
+            accounting (the CPU).
+
+    Example:
+        >>> b = MemoryBudget(limit=100, stats=Stats())
+        >>> b.charge(80)
+        >>> b.excess(extra=30)
+        10
+        >>> b.release(80)
+        >>> b.over_limit()
+        False
+    """
+
+    def __init__(self, limit: int, stats: Stats, measure: Callable[[], int] | None = None) -> None:
+        self.limit = limit
+        self.stats = stats
+        self.measure = measure
+        self.resident_bytes = 0
+        self.leaving_bytes = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes: int) -> None:
+        """Account ``nbytes`` more as resident on the device."""
+        with self._lock:
+            self.resident_bytes += nbytes
+            self.stats.resident_bytes = self.resident_bytes
+            if self.resident_bytes > self.stats.peak_resident_bytes:
+                self.stats.peak_resident_bytes = self.resident_bytes
+
+    def leaving(self, nbytes: int) -> None:
+        """Mark ``nbytes`` of resident bytes as on their way out (Rule 2)."""
+        with self._lock:
+            self.leaving_bytes += nbytes
+
+    def stay(self, nbytes: int) -> None:
+        """Undo ``leaving(nbytes)``: the bytes turned out to be needed on the device."""
+        with self._lock:
+            self.leaving_bytes -= nbytes
+
+    def release(self, nbytes: int, leaving: bool = False) -> None:
+        """Account ``nbytes`` as no longer resident (``leaving``: they were marked so)."""
+        with self._lock:
+            self.resident_bytes -= nbytes
+            if leaving:
+                self.leaving_bytes -= nbytes
+            self.stats.resident_bytes = self.resident_bytes
+
+    def used_bytes(self) -> int:
+        """Device bytes counted against the limit now (Rule 3), minus leaving bytes."""
+        used = self.resident_bytes if self.measure is None else self.measure()
+        return used - self.leaving_bytes
+
+    def excess(self, extra: int = 0) -> int:
+        """Bytes that must leave for ``extra`` more to fit under the limit (<= 0: none)."""
+        return self.used_bytes() + extra - self.limit
+
+    def over_limit(self, extra: int = 0) -> bool:
+        """Whether ``extra`` more bytes would put the device over the limit."""
+        return self.excess(extra) > 0
+
+    def headroom(self) -> int:
+        """Bytes that still fit under the limit (never negative)."""
+        return max(0, -self.excess())
+
+
+class Runtime:
+    """Everything one ``lms.enable`` call shares between its pagers.
+
+    Attributes:
+        device: the compute device (the model's parameters' device).
+        config: the resolved config.
+        limit: device memory budget in bytes.
+        min_size: smallest storage, in bytes, that may be swapped.
+        stats: the counters (NOTE [Stats cover all paging]).
+        pool: the host pool (NOTE [Host pool]).
+        transfers: the copy streams (NOTE [Copy ordering]).
+        budget: the memory budget (NOTE [Memory budget]).
+
+    Example:
+        >>> rt = Runtime(torch.device("cpu"), LMSConfig(limit="1MiB"))
+        >>> rt.limit
+        1048576
+    """
+
+    def __init__(self, device: torch.device, config: LMSConfig) -> None:
+        self.device = device
+        self.config = config
+        self.device_total = device_total_memory(device)
+        self.limit = config.limit_bytes(self.device_total)
+        self.min_size = int(config.min_size)
+        self.host_limit = config.host_limit_bytes()
+        self.stats = Stats(limit_bytes=self.limit)
+        # Pinned memory only means something where an accelerator exists.
+        self.pool = HostPool(self.host_limit, pin=device.type != "cpu", stats=self.stats)
+        self.transfers = Transfers(device, self.stats)
+        measure = None
+        if device.type == "cuda":
+            measure = lambda: torch.cuda.memory_allocated(device)
+        self.budget = MemoryBudget(self.limit, self.stats, measure)
+        self.lock = threading.RLock()  # pack runs in forward, unpack on autograd's threads
+
+    def snapshot(self) -> Stats:
+        """A copy of the counters, with the allocator's peak and finished stall timings."""
+        with self.lock:
+            self.transfers.collect_stalls()
+            s = Stats(**self.stats.as_dict())
+        s.host_bytes = self.pool.held_bytes
+        if self.device.type == "cuda":
+            s.peak_device_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        return s
+
+    def reset_stats(self) -> None:
+        """Zero the counters and peaks (the pool and what is resident are kept)."""
+        with self.lock:
+            self.transfers.collect_stalls(block=True)
+            fresh = Stats(limit_bytes=self.limit)
+            for name, value in fresh.as_dict().items():
+                setattr(self.stats, name, value)
+            self.stats.resident_bytes = self.budget.resident_bytes
+            self.stats.peak_resident_bytes = self.budget.resident_bytes
+            self.stats.host_bytes = self.pool.held_bytes
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def oom_error(self, exc: BaseException, where: str) -> LMSError:
+        """An ``LMSError`` with advice for a device out-of-memory raised ``where``."""
+        return LMSError(
+            f"device out of memory {where} with LMS on (limit {format_bytes(self.limit)}, "
+            f"min_size {format_bytes(self.min_size)}, LMS resident "
+            f"{format_bytes(self.budget.resident_bytes)}): lower limit to leave room for "
+            "what LMS does not manage (weights, gradients, temporaries) or lower min_size "
+            f"so that more tensors can be swapped. Original error: {exc}"
+        )
+
+    def close(self) -> None:
+        """Finish in-flight copies and free the pool's cached blocks."""
+        self.transfers.synchronize()
+        self.pool.close()
