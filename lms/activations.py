@@ -217,35 +217,77 @@ class ActivationSwapper:
             return t
         with self.lock:
             entry = self._index.get(ptr)
-            if entry is None or entry.storage_ref() is not storage:
-                flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
-                entry = _Entry(next(self._seq), flat, storage)
-                self._index[ptr] = entry
-                self._resident[entry.seq] = entry
-                self._largest = max(self._largest, nbytes)
-                self.budget.charge(nbytes)
-                entry.refs += 1  # before enforcing: an error there must not free it
-                packed = _Packed(self, entry, t)
-                self._enforce_limit()
-                return packed
-            entry.refs += 1
-            return _Packed(self, entry, t)
+            if entry is not None and entry.storage_ref() is storage:
+                entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
+                return _Packed(self, entry, t)
+            flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+            entry = _Entry(next(self._seq), flat, storage)
+            entry.refs = 1
+            packed = _Packed(self, entry, t)  # if anything below raises, this frees it
+            self._index[ptr] = entry
+            self._largest = max(self._largest, nbytes)
+            self._admit(entry)
+            return packed
 
-    def _enforce_limit(self) -> None:
-        """Evict oldest-saved first until under the limit (NOTE [Swap policy], Rules 1, 3)."""
+    def _admit(self, entry: _Entry) -> None:
+        """Charge a new entry, evicting oldest-saved first to stay under the limit.
+
+        NOTE [Swap policy], Rules 1 and 3. The new entry is needed first in
+        backward, so it is the last choice: it goes straight out only when evicting
+        every older resident entry is not enough (always, at ``limit=0``).
+        """
         self._reap()
-        need = self.budget.excess()
+        need = self.budget.excess(entry.nbytes, allocated=True)
+        freed = 0
         if need > 0:
             keys = plan_evictions(((e.seq, e.nbytes) for e in self._resident.values()), need)
             for key in keys:
-                self._evict(self._resident[key])
+                victim = self._resident[key]
+                self._evict(victim)
+                freed += victim.nbytes
+        if freed < need:
+            try:
+                block = self.pool.acquire(entry.nbytes)
+            except BaseException:
+                self.budget.charge(entry.nbytes)  # stays resident; _drop releases it
+                self._resident[entry.seq] = entry
+                raise
+            self.budget.charge(entry.nbytes, leaving=True)
+            self._send_out(entry, block)
+        else:
+            self.budget.charge(entry.nbytes)
+            self._resident[entry.seq] = entry
+        self._throttle()
+
+    def _throttle(self) -> None:
+        """Wait for the oldest copies out while too many bytes are in flight (Rule 3)."""
         while self._outgoing and must_wait_for_copies(
             self._outgoing_bytes, self.budget.excess(), self._largest
         ):
             self.transfers.block_on(self._outgoing[0].copy)
             self._reap()
 
+    def _enforce_limit(self, protect: _Entry | None = None) -> None:
+        """In backward: evict not-yet-used entries, oldest saved first, while over the limit.
+
+        Entries already brought back (BOTH) are in use, or about to be used again
+        by another node that saved the same storage; evicting them would only
+        bring them straight back, so they stay until autograd drops them.
+        """
+        need = self.budget.excess()
+        if need <= 0:
+            return
+        resident = (
+            (e.seq, e.nbytes)
+            for e in self._resident.values()
+            if e is not protect and e.where is Where.DEVICE
+        )
+        for key in plan_evictions(resident, need):
+            self._evict(self._resident[key])
+        self._throttle()
+
     def _evict(self, entry: _Entry) -> None:
+        """Send a resident entry to the host (or just drop its device copy if it has one)."""
         if entry.where is Where.BOTH:
             # The host copy is still valid (Rule 4): dropping the device copy is free.
             del self._resident[entry.seq]
@@ -255,10 +297,13 @@ class ActivationSwapper:
             return
         block = self.pool.acquire(entry.nbytes)  # may raise LMSError; nothing changed yet
         del self._resident[entry.seq]
+        self.budget.leaving(entry.nbytes)
+        self._send_out(entry, block)
+
+    def _send_out(self, entry: _Entry, block: Any) -> None:
         entry.block = block
         entry.copy = self.transfers.to_host(entry.flat, block)
         entry.where = Where.OUTGOING
-        self.budget.leaving(entry.nbytes)
         self._outgoing.append(entry)
         self._outgoing_bytes += entry.nbytes
         self._swapped.append(entry)
@@ -308,6 +353,7 @@ class ActivationSwapper:
             elif entry.where is Where.OUTGOING:
                 entry.wanted = True
             flat = entry.flat
+            self._enforce_limit(protect=entry)  # gradients grow during backward
             self._prefetch()
         out = torch.empty(0, dtype=packed.dtype, device=self.device)
         return out.set_(flat.untyped_storage(), packed.offset, packed.size, packed.stride)
@@ -327,6 +373,8 @@ class ActivationSwapper:
 
     def _prefetch(self) -> None:
         """Issue the next host-to-device copies (NOTE [Swap policy], Rule 2)."""
+        while self._cursor >= 0 and self._swapped[self._cursor].where is not Where.HOST:
+            self._cursor -= 1  # already back, or dead: never look at it again
         seen: list[int] = []
 
         def candidates():

@@ -19,7 +19,10 @@
 # 4. ``excess(extra)`` is how many bytes must leave for ``extra`` more bytes to
 #    fit; pagers evict until it is <= 0 (the choice of what to evict is pure
 #    policy, lms/policy.py). ``peak_resident_bytes`` in Stats is the peak of
-#    LMS's accounting (``resident_bytes``), on every device.
+#    ``resident_bytes - leaving_bytes``: what LMS keeps on the device and is not
+#    already copying out. A pager that must send a new tensor straight out
+#    charges it with ``charge(n, leaving=True)``, so it never counts as kept.
+#    (The allocator's peak, which does see copies in flight, is in Stats too.)
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def device_total_memory(device: torch.device) -> int:
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is the device allocator running out of memory."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, oom) or "out of memory" in text or "can't allocate memory" in text
 
 
 class MemoryBudget:
@@ -84,13 +88,19 @@ class MemoryBudget:
         self.leaving_bytes = 0
         self._lock = threading.Lock()
 
-    def charge(self, nbytes: int) -> None:
-        """Account ``nbytes`` more as resident on the device."""
+    def charge(self, nbytes: int, leaving: bool = False) -> None:
+        """Account ``nbytes`` more as resident (``leaving``: and already on their way out)."""
         with self._lock:
             self.resident_bytes += nbytes
-            self.stats.resident_bytes = self.resident_bytes
-            if self.resident_bytes > self.stats.peak_resident_bytes:
-                self.stats.peak_resident_bytes = self.resident_bytes
+            if leaving:
+                self.leaving_bytes += nbytes
+            self._update()
+
+    def _update(self) -> None:
+        self.stats.resident_bytes = self.resident_bytes
+        kept = self.resident_bytes - self.leaving_bytes
+        if kept > self.stats.peak_resident_bytes:
+            self.stats.peak_resident_bytes = kept
 
     def leaving(self, nbytes: int) -> None:
         """Mark ``nbytes`` of resident bytes as on their way out (Rule 2)."""
@@ -101,6 +111,7 @@ class MemoryBudget:
         """Undo ``leaving(nbytes)``: the bytes turned out to be needed on the device."""
         with self._lock:
             self.leaving_bytes -= nbytes
+            self._update()
 
     def release(self, nbytes: int, leaving: bool = False) -> None:
         """Account ``nbytes`` as no longer resident (``leaving``: they were marked so)."""
@@ -115,13 +126,20 @@ class MemoryBudget:
         used = self.resident_bytes if self.measure is None else self.measure()
         return used - self.leaving_bytes
 
-    def excess(self, extra: int = 0) -> int:
-        """Bytes that must leave for ``extra`` more to fit under the limit (<= 0: none)."""
+    def excess(self, extra: int = 0, allocated: bool = False) -> int:
+        """Bytes that must leave for ``extra`` more to fit under the limit (<= 0: none).
+
+        ``allocated``: the ``extra`` bytes already exist on the device (a tensor just
+        saved, not yet charged); where the allocator is measured they are already
+        counted, so they are not added twice.
+        """
+        if allocated and self.measure is not None:
+            extra = 0
         return self.used_bytes() + extra - self.limit
 
-    def over_limit(self, extra: int = 0) -> bool:
+    def over_limit(self, extra: int = 0, allocated: bool = False) -> bool:
         """Whether ``extra`` more bytes would put the device over the limit."""
-        return self.excess(extra) > 0
+        return self.excess(extra, allocated) > 0
 
     def headroom(self) -> int:
         """Bytes that still fit under the limit (never negative)."""
@@ -182,7 +200,7 @@ class Runtime:
             for name, value in fresh.as_dict().items():
                 setattr(self.stats, name, value)
             self.stats.resident_bytes = self.budget.resident_bytes
-            self.stats.peak_resident_bytes = self.budget.resident_bytes
+            self.stats.peak_resident_bytes = self.budget.resident_bytes - self.budget.leaving_bytes
             self.stats.host_bytes = self.pool.held_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -1,0 +1,113 @@
+"""Settings: size parsing, config validation, environment overrides (all pure, no model)."""
+
+import pytest
+
+from lms import LMSConfig, LMSError, parse_size
+from lms.config import DEFAULT_LIMIT_FRACTION, MiB, format_bytes, resolve_config
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (0, 0),
+        (123, 123),
+        ("20GiB", 20 * 1024**3),
+        ("512MB", 512 * 1000**2),
+        ("1.5 GB", 1_500_000_000),
+        ("1.5 GiB", 1610612736),
+        ("1MiB", MiB),
+        ("4096", 4096),
+        ("2 k", 2000),
+        (0.5, 500),
+        ("0.25", 250),
+        ("90%", 900),
+        (1.0, 1000),
+    ],
+)
+def test_parse_size_accepts_the_documented_forms(value, want):
+    assert parse_size(value, total=1000) == want
+
+
+@pytest.mark.parametrize(
+    "value", [-1, "-1GiB", "abc", "12 parsecs", "", 1.5, -0.1, float("nan"), True, None, [1]]
+)
+def test_parse_size_rejects_nonsense_with_our_error(value):
+    with pytest.raises(LMSError, match="limit"):
+        parse_size(value, total=1000, name="limit")
+
+
+def test_a_fraction_needs_a_total_and_min_size_takes_no_fraction():
+    with pytest.raises(LMSError, match="fraction"):
+        parse_size(0.5)
+    with pytest.raises(LMSError, match="min_size"):
+        LMSConfig(min_size=0.5)
+    assert LMSConfig(min_size=2048.0).min_size == 2048
+
+
+def test_config_normalizes_and_defaults():
+    cfg = LMSConfig(limit="2GiB", min_size="4MiB")
+    assert cfg.limit == 2 * 1024**3 and cfg.min_size == 4 * MiB
+    d = LMSConfig()
+    assert d.limit == DEFAULT_LIMIT_FRACTION and d.min_size == MiB and d.weights == "auto"
+    assert d.limit_bytes(1000) == int(1000 * DEFAULT_LIMIT_FRACTION)
+    assert d.host_limit_bytes(host_total=100) == 50
+    assert LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=10) == 1024**3
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"weights": "sometimes"}, "weights"),
+        ({"weights": 1}, "weights"),
+        ({"lookahead": -1}, "lookahead"),
+        ({"lookahead": True}, "lookahead"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"host_limit": "-3GB"}, "host_limit"),
+    ],
+)
+def test_config_rejects_bad_fields(kwargs, field):
+    with pytest.raises(LMSError, match=field):
+        LMSConfig(**kwargs)
+
+
+def test_limit_larger_than_the_device_is_refused():
+    with pytest.raises(LMSError, match="larger than the device"):
+        LMSConfig(limit="2GiB").limit_bytes(device_total=1024**3)
+    assert LMSConfig(limit=1.0).limit_bytes(device_total=1024**3) == 1024**3
+
+
+def test_environment_overrides_arguments():
+    env = {"LMS_LIMIT": "1GiB", "LMS_MIN_SIZE": "64KiB"}
+    cfg = resolve_config(limit="8GiB", min_size="1MiB", env=env)
+    assert cfg.limit == 1024**3 and cfg.min_size == 64 * 1024 and cfg.enabled
+    assert resolve_config(env={"LMS_LIMIT": "0.5"}).limit == 0.5
+    assert not resolve_config(env={"LMS_DISABLE": "1"}).enabled
+    assert resolve_config(env={"LMS_DISABLE": "0"}).enabled
+    assert resolve_config(env={}).limit == DEFAULT_LIMIT_FRACTION
+
+
+@pytest.mark.parametrize(
+    "env, var",
+    [
+        ({"LMS_LIMIT": "lots"}, "LMS_LIMIT"),
+        ({"LMS_MIN_SIZE": "-1"}, "LMS_MIN_SIZE"),
+        ({"LMS_DISABLE": "maybe"}, "LMS_DISABLE"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env, var):
+    with pytest.raises(LMSError, match=var):
+        resolve_config(env=env)
+
+
+def test_base_config_is_overridden_by_arguments():
+    base = LMSConfig(limit="1GiB", min_size=0, weights=False)
+    cfg = resolve_config(min_size="2MiB", config=base, env={})
+    assert cfg.limit == 1024**3 and cfg.min_size == 2 * MiB and cfg.weights is False
+    with pytest.raises(LMSError, match="LMSConfig"):
+        resolve_config(config={"limit": 1}, env={})
+
+
+def test_format_bytes():
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(3 * 1024**3) == "3.00 GiB"
+    assert format_bytes(None) == "n/a"

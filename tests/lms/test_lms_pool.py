@@ -1,0 +1,72 @@
+"""The host pool: reuse without waste, the cap, and the budget it sits beside."""
+
+import pytest
+import torch
+
+from lms import LMSError, Stats
+from lms.pool import ALIGN, HostPool
+from lms.runtime import MemoryBudget
+
+
+def test_blocks_are_reused_and_allocations_stop():
+    stats = Stats()
+    pool = HostPool(cap=1 << 30, pin=False, stats=stats)
+    sizes = [3 << 20, 1 << 20, 5000, 3 << 20]
+    for _ in range(3):  # three "steps" of the same sizes
+        blocks = [pool.acquire(n) for n in sizes]
+        for b in blocks:
+            pool.release(b)
+    assert stats.pinned_allocs == len(sizes)
+    assert pool.in_use_bytes == 0
+
+
+def test_no_power_of_two_rounding():
+    stats = Stats()
+    pool = HostPool(cap=1 << 30, pin=False, stats=stats)
+    n = (1 << 20) + 1  # just over a power of two
+    block = pool.acquire(n)
+    assert n <= block.capacity <= n + ALIGN
+    assert pool.held_bytes == stats.host_bytes == block.capacity
+
+
+def test_a_much_larger_free_block_is_not_handed_out():
+    pool = HostPool(cap=1 << 30, pin=False, stats=Stats())
+    big = pool.acquire(8 << 20)
+    pool.release(big)
+    small = pool.acquire(1 << 20)
+    assert small is not big and small.capacity < 2 << 20
+
+
+def test_cap_trims_cached_blocks_then_raises():
+    stats = Stats()
+    pool = HostPool(cap=3 * ALIGN * 16, pin=False, stats=stats)
+    a = pool.acquire(2 * ALIGN * 16)
+    pool.release(a)
+    b = pool.acquire(3 * ALIGN * 16)  # needs the cached block freed first
+    assert pool.held_bytes == b.capacity
+    with pytest.raises(LMSError, match="host_limit"):
+        pool.acquire(ALIGN)
+    assert pool.held_bytes == b.capacity and pool.in_use_bytes == b.capacity
+
+
+def test_block_views_hold_any_dtype():
+    pool = HostPool(cap=1 << 20, pin=False, stats=Stats())
+    block = pool.acquire(24)
+    block.view(24).view(torch.float64)[:] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert block.view(24).view(torch.float64).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_budget_accounting():
+    stats = Stats()
+    budget = MemoryBudget(limit=100, stats=stats)
+    budget.charge(80)
+    assert budget.excess(30) == 10 and budget.over_limit(30) and budget.headroom() == 20
+    budget.leaving(50)  # a copy out is in flight: no longer counted against the limit
+    assert budget.excess(30) == -40
+    budget.release(50, leaving=True)
+    assert budget.resident_bytes == 30 and budget.leaving_bytes == 0
+    budget.charge(10, leaving=True)  # sent straight out: never counted as kept
+    assert stats.peak_resident_bytes == 80
+    budget.stay(10)  # turned out to be needed: kept after all
+    assert budget.resident_bytes == 40 and stats.resident_bytes == 40
+    assert budget.excess(5, allocated=True) == -55  # no measure: LMS's own accounting
