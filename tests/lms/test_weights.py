@@ -1,0 +1,401 @@
+"""Weight paging on the CPU: parity with plain training, then structure and bad input.
+
+On the CPU "device" and "host" are both CPU memory, but the same paging logic
+runs: parameters live in separate host pool blocks between uses, device shells
+are resized and refilled, gradients are copied out by the grad hooks and
+accumulated on the host, and the optimizer steps the host masters.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from examples.gpt import GPT, GPTConfig, synthetic_batch
+from lms.config import LMSConfig
+from lms.errors import LMSError
+from lms.runtime import Runtime
+from lms.weights import Phase, attach_weight_paging
+
+# The advice to use fused=True is tested once below; the parity tests use every variant.
+pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
+
+CFG = GPTConfig(vocab_size=256, seq_len=32, n_layer=3, n_head=4, n_embd=64)
+CPU = torch.device("cpu")
+
+
+def runtime(limit="64KiB", min_size="4KiB", weights=True, **kw):
+    return Runtime(CPU, LMSConfig(limit=limit, min_size=min_size, weights=weights, **kw))
+
+
+def param_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def batches(n, batch=4, seed=1, cfg=CFG):
+    g = torch.Generator().manual_seed(seed)
+    return [synthetic_batch(cfg, batch, g) for _ in range(n)]
+
+
+def train(model, opt, data, accum=1):
+    losses = []
+    for i in range(0, len(data), accum):
+        for x, y in data[i : i + accum]:
+            loss = model(x, y)
+            (loss / accum).backward()
+            losses.append(loss.detach().clone())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def assert_same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def pair(seed=0, cfg=CFG):
+    torch.manual_seed(seed)
+    base = GPT(cfg)
+    return base, copy.deepcopy(base)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    ],
+    ids=["adamw", "adamw_fused", "sgd_momentum"],
+)
+def test_parity_bitwise_model_several_times_the_limit(make_opt):
+    base, paged = pair()
+    rt = runtime(limit="64KiB")
+    handle = attach_weight_paging(paged, rt)
+    assert param_bytes(paged) > 8 * rt.limit
+    assert "blocks.0.mlp.fc.weight" in handle.paged_names
+    data = batches(4)
+    lb = train(base, make_opt(base.parameters()), data)
+    lp = train(paged, make_opt(paged.parameters()), data)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp)), (lb, lp)
+    assert_same_params(base, paged)
+    s = rt.stats
+    # Every paged parameter came in at least twice per step (forward and backward).
+    paged_bytes = handle.plan.paged_bytes
+    assert s.swapped_in_bytes >= 2 * 4 * paged_bytes
+    trainable = sum(pp.nbytes for pp in handle.paged if pp.param.requires_grad)
+    assert s.swapped_out_bytes == 4 * trainable  # one gradient copy per param per backward
+    assert s.resident_bytes == 0  # everything released between steps
+    assert handle.phase is Phase.HOST
+    handle.remove()
+
+
+def test_unfused_host_optimizer_warns_once():
+    _, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    opt = torch.optim.AdamW(paged.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="fused=True"):
+        train(paged, opt, batches(1))
+    handle.remove()
+
+
+def test_tied_weights_stay_tied_and_match():
+    base, paged = pair()
+    assert paged.head.weight is paged.wte.weight
+    handle = attach_weight_paging(paged, runtime())
+    assert handle.paged_names.count("wte.weight") == 1
+    assert "head.weight" not in handle.paged_names  # tied: one parameter, one master
+    data = batches(2)
+    train(base, torch.optim.SGD(base.parameters(), lr=0.1), data)
+    train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), data)
+    assert paged.head.weight is paged.wte.weight
+    assert torch.equal(base.wte.weight, paged.wte.weight)
+    handle.remove()
+    assert paged.head.weight is paged.wte.weight
+
+
+def test_gradient_accumulation_matches():
+    base, paged = pair()
+    rt = runtime()
+    handle = attach_weight_paging(paged, rt)
+    data = batches(6)
+    lb = train(base, torch.optim.AdamW(base.parameters(), lr=1e-2), data, accum=3)
+    lp = train(paged, torch.optim.AdamW(paged.parameters(), lr=1e-2), data, accum=3)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    # The accumulation temporaries are pool blocks reused after the first step.
+    allocs = rt.stats.pinned_allocs
+    train(paged, torch.optim.SGD(paged.parameters(), lr=0.0), batches(3), accum=3)
+    assert rt.stats.pinned_allocs == allocs
+    handle.remove()
+
+
+def test_grads_visible_on_host_between_backward_and_step():
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    ((x, y),) = batches(1)
+    base(x, y).backward()
+    paged(x, y).backward()
+    pp = handle.paged[0]
+    assert pp.param.grad is pp.acc  # the host accumulator
+    for (n, a), b in zip(base.named_parameters(), paged.parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    handle.remove()
+    for a, b in zip(base.parameters(), paged.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_state_dict_real_values_in_every_phase_and_load():
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    ((x, y),) = batches(1)
+    loss = paged(x, y)  # forward done, backward pending: parameters point at empty shells
+    assert handle.phase is Phase.DEVICE
+    assert paged.blocks[0].mlp.fc.weight.untyped_storage().nbytes() == 0
+    sd = paged.state_dict()
+    assert_same_params(base, paged)
+    for k, v in base.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    loss.backward()
+    # Loading a state dict writes the masters that the next forward reads.
+    torch.manual_seed(123)
+    other = GPT(CFG)
+    paged.load_state_dict(other.state_dict())
+    assert_same_params(other, paged)
+    with torch.no_grad():
+        assert torch.equal(other(x, y), paged(x, y))
+    handle.remove()
+
+
+def test_checkpoint_save_and_resume_gives_same_losses():
+    data = batches(6)
+    base, paged = pair()
+    ref = train(base, torch.optim.AdamW(base.parameters(), lr=1e-2), data)
+
+    handle = attach_weight_paging(paged, runtime())
+    opt = torch.optim.AdamW(paged.parameters(), lr=1e-2)
+    first = train(paged, opt, data[:3])
+    buf = io.BytesIO()
+    torch.save({"model": paged.state_dict(), "opt": opt.state_dict()}, buf)
+    handle.remove()
+
+    torch.manual_seed(99)  # a different init, overwritten by the checkpoint
+    resumed = GPT(CFG)
+    handle2 = attach_weight_paging(resumed, runtime())
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    rest = train(resumed, opt2, data[3:])
+    assert all(torch.equal(a, b) for a, b in zip(ref, first + rest))
+    assert_same_params(base, resumed)
+    handle2.remove()
+
+
+class Branchy(nn.Module):
+    """Takes one of two paths depending on the data, so the module order changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.inp(x))
+        h = self.a(h) if x.sum() > 0 else self.b(self.b(h))  # b is a shared module: twice
+        return F.cross_entropy(self.out(h), y)
+
+
+def test_order_change_is_handled_not_silently_wrong():
+    torch.manual_seed(0)
+    base = Branchy()
+    paged = copy.deepcopy(base)
+    handle = attach_weight_paging(paged, runtime(limit=0, min_size="1KiB"))
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for sign in (1, 1, -1, 1, -1, -1):
+        x = torch.randn(8, 32, generator=g).abs() * sign
+        data.append((x, torch.randint(4, (8,), generator=g)))
+    lb = train(base, torch.optim.AdamW(base.parameters(), lr=1e-2), data)
+    lp = train(paged, torch.optim.AdamW(paged.parameters(), lr=1e-2), data)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    ids = handle._module_ids
+    order_b = [ids[id(m)] for m in (paged.inp, paged.b, paged.b, paged.out)]
+    assert handle.tracker.learned == order_b  # re-learned from the last step
+    handle.remove()
+
+
+class Checkpointed(nn.Module):
+    """Recomputes each block's forward inside backward (torch.utils.checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        for blk in self.blocks:
+            x = checkpoint(lambda t, blk=blk: torch.tanh(blk(t)), x, use_reentrant=False)
+        return F.cross_entropy(self.out(x), y)
+
+
+def test_activation_checkpointing_inside_the_model():
+    torch.manual_seed(0)
+    base = Checkpointed()
+    paged = copy.deepcopy(base)
+    handle = attach_weight_paging(paged, runtime(limit=0, min_size="1KiB"))
+    g = torch.Generator().manual_seed(5)
+    data = [
+        (torch.randn(8, 64, generator=g), torch.randint(4, (8,), generator=g)) for _ in range(3)
+    ]
+    lb = train(base, torch.optim.SGD(base.parameters(), lr=0.1, momentum=0.9), data)
+    lp = train(paged, torch.optim.SGD(paged.parameters(), lr=0.1, momentum=0.9), data)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    handle.remove()
+
+
+def test_frozen_params_and_eval_forward_between_steps():
+    base, paged = pair()
+    for m in (base, paged):
+        m.wpe.weight.requires_grad_(False)
+    handle = attach_weight_paging(paged, runtime())
+    data = batches(3)
+    ob = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=1e-2)
+    op = torch.optim.AdamW([p for p in paged.parameters() if p.requires_grad], lr=1e-2)
+    for x, y in data:
+        for model, opt in ((base, ob), (paged, op)):
+            model(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+            model.eval()
+            with torch.no_grad():
+                model(x, y)
+            model.train()
+        assert handle.phase is Phase.HOST  # the no_grad forward went back to the host
+    assert_same_params(base, paged)
+    handle.remove()
+
+
+def test_optimizer_created_before_enable_keeps_working():
+    base, paged = pair()
+    ob = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    op = torch.optim.AdamW(paged.parameters(), lr=1e-2)
+    data = batches(4)
+    lb = train(base, ob, data[:2])
+    lp = train(paged, op, data[:2])  # state exists before enable
+    handle = attach_weight_paging(paged, runtime())
+    lb += train(base, ob, data[2:])
+    lp += train(paged, op, data[2:])
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    handle.remove()
+    # After remove the same optimizer keeps working on the restored parameters.
+    lb = train(base, ob, data[:1])
+    lp = train(paged, op, data[:1])
+    assert torch.equal(lb[0], lp[0])
+
+
+def test_remove_restores_and_is_idempotent():
+    _, paged = pair()
+    before = {k: v.clone() for k, v in paged.state_dict().items()}
+    handle = attach_weight_paging(paged, runtime())
+    masters = {pp.name: pp.master.data_ptr() for pp in handle.paged}
+    with handle:
+        ((x, y),) = batches(1)
+        paged(x, y)  # leave a graph pending: remove must still restore cleanly
+    handle.remove()
+    for name, p in paged.named_parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        assert p.data_ptr() != masters.get(name, -1)
+    for k, v in paged.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not paged._forward_hooks and not paged._forward_pre_hooks
+    assert all(not m._forward_hooks for m in paged.modules())
+
+
+def test_deferred_grad_offload_waits_for_the_reducer():
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    grads_ready = handle.defer_grad_offload()
+    paged_params = [pp.param for pp in handle.paged if pp.param.requires_grad]
+
+    # A stand-in for a gradient reducer (ddl.wrap): it "reduces" by halving each
+    # .grad on the device from its own post-accumulate hook, then says it is ready.
+    seen_on_device = []
+
+    def reduce(p):
+        seen_on_device.append(handle.phase is Phase.DEVICE and p.grad is not None)
+        p.grad.mul_(0.5)
+        grads_ready([p])
+
+    hooks = [p.register_post_accumulate_grad_hook(reduce) for p in paged.parameters()]
+
+    def halve(p):
+        p.grad.mul_(0.5)
+
+    for p in base.parameters():
+        p.register_post_accumulate_grad_hook(halve)
+    data = batches(3)
+    lb = train(base, torch.optim.AdamW(base.parameters(), lr=1e-2), data)
+    lp = train(paged, torch.optim.AdamW(paged.parameters(), lr=1e-2), data)
+    assert all(seen_on_device)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+
+    # A reducer that forgets grads_ready gets a clear error, not unreduced gradients.
+    for h in hooks:
+        h.remove()
+    x, y = data[0]
+    paged(x, y).backward()
+    assert handle.phase is Phase.DEVICE
+    with pytest.raises(LMSError, match="grads_ready"):
+        torch.optim.SGD(paged.parameters(), lr=0.1).step()
+    grads_ready(paged_params)
+    assert handle.phase is Phase.HOST
+    handle.remove()
+
+
+def test_host_limit_exhaustion_raises_before_anything_changes():
+    _, paged = pair()
+    before = {n: p.data_ptr() for n, p in paged.named_parameters()}
+    with pytest.raises(LMSError, match="host_limit"):
+        attach_weight_paging(paged, runtime(host_limit="64KiB"))
+    assert {n: p.data_ptr() for n, p in paged.named_parameters()} == before
+    assert not paged._forward_pre_hooks
+
+
+def test_bad_use_gets_clear_errors():
+    _, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    with pytest.raises(LMSError, match="assign"):
+        paged.load_state_dict(paged.state_dict(), assign=True)
+    opt = torch.optim.AdamW(paged.parameters(), lr=1e-2, capturable=True)
+    ((x, y),) = batches(1)
+    paged(x, y).backward()
+    with pytest.raises(LMSError, match="capturable"):
+        opt.step()
+    paged.wte.weight.data = paged.wte.weight.data.clone()  # replaced behind LMS's back
+    with pytest.raises(LMSError, match="replaced"):
+        paged(x, y)
+    handle.remove()
+
+
+def test_auto_pages_nothing_when_state_fits_and_false_never_pages():
+    _, paged = pair()
+    assert attach_weight_paging(paged, runtime(limit="1GiB", weights="auto")) is None
+    assert attach_weight_paging(paged, runtime(limit=0, weights=False)) is None
+    handle = attach_weight_paging(paged, runtime(limit="64KiB", weights="auto"))
+    assert handle is not None and handle.paged_names
+    handle.remove()
