@@ -13,6 +13,7 @@ from .config import LMSConfig, Size, resolve_config
 from .errors import LMSError
 from .runtime import Runtime, is_oom
 from .stats import Stats
+from .weights import attach_weight_paging
 
 __all__ = ["LMSHandle", "enable"]
 
@@ -210,8 +211,16 @@ def enable(
         handle._handles.append(_RemoveForwardGuard(model))
 
     # --- weight paging attaches here (issue 4, lms/weights.py) -----------------
-    # ``attach_weight_paging(model, runtime)`` returns a handle with ``.remove()``;
-    # it decides from ``runtime.config.weights`` whether to page anything.
+    # ``attach_weight_paging(model, runtime)`` returns a handle with ``.remove()``
+    # (or None); it decides from ``runtime.config.weights`` whether to page anything.
+    try:
+        pager = attach_weight_paging(model, runtime)
+    except BaseException:
+        handle.remove()  # nothing stays installed when paging cannot be set up
+        raise
+    if pager is not None:
+        handle.weights = pager
+        handle._handles.append(pager)  # removed first: parameters back on the device
     # --------------------------------------------------------------------------
 
     _ENABLED[model] = handle
