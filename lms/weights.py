@@ -192,6 +192,14 @@ def _mem_available() -> int:
         return 0
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (the per-device query is torch >= 2.4)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else False
+
+
 def _graph_task_id() -> int:
     """Id of the running backward (-1 outside one; 0 where torch cannot tell)."""
     get = getattr(torch._C, "_current_graph_task_id", None)
@@ -585,6 +593,13 @@ class WeightPaging:
                         hook = functools.partial(self._pre_backward, idx)
                         self._out_hooks.append(t.register_hook(hook))
                         hooked = True
+            if _autocast_on(self.rt.device.type):
+                # Autocast caches the low-precision cast of every leaf parameter until
+                # the region ends, which would keep a copy of every paged weight on the
+                # device. Dropping the cache here costs a re-cast for a tied weight
+                # (same values); casts saved for backward are activations, swapped by
+                # lms/activations.py under the same budget.
+                torch.clear_autocast_cache()
             for pp in params:
                 pp.fwd_users = max(0, pp.fwd_users - 1)
                 if graph and not hooked:

@@ -6,6 +6,7 @@ are resized and refilled, gradients are copied out by the grad hooks and
 accumulated on the host, and the optimizer steps the host masters.
 """
 
+import contextlib
 import copy
 import io
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
 from lms.config import LMSConfig
 from lms.errors import LMSError
@@ -399,3 +401,37 @@ def test_auto_pages_nothing_when_state_fits_and_false_never_pages():
     handle = attach_weight_paging(paged, runtime(limit="64KiB", weights="auto"))
     assert handle is not None and handle.paged_names
     handle.remove()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_enable_pages_weights_and_activations_under_one_limit(autocast):
+    base, paged = pair()
+    handle = lms.enable(paged, limit="64KiB", min_size="4KiB", weights="auto")
+    assert handle.weights is not None and handle.weights.paged_names
+    ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if autocast else contextlib.nullcontext
+    data = batches(3)
+    ob = torch.optim.AdamW(base.parameters(), lr=1e-2, fused=True)
+    op = torch.optim.AdamW(paged.parameters(), lr=1e-2, fused=True)
+    for x, y in data:
+        for model, opt in ((base, ob), (paged, op)):
+            with ctx():
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            model.last = loss.detach()
+        assert torch.equal(base.last, paged.last)
+    assert_same_params(base, paged)
+    s = handle.stats()
+    weight_grads = sum(pp.nbytes for pp in handle.weights.paged if pp.param.requires_grad)
+    # Activations were swapped too: more went out than the paged gradients alone.
+    assert s.swapped_out_bytes > 3 * weight_grads
+    handle.remove()
+    assert handle.weights.paged == []
+    assert all(p.untyped_storage().nbytes() > 0 for p in paged.parameters())
+
+
+def test_enable_auto_leaves_weights_alone_when_they_fit():
+    _, paged = pair()
+    with lms.enable(paged, limit="1GiB", weights="auto") as handle:
+        assert handle.weights is None
