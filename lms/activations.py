@@ -372,8 +372,17 @@ class ActivationSwapper:
         self._prefetched[entry.seq] = entry
 
     def _prefetch(self) -> None:
-        """Issue the next host-to-device copies (NOTE [Swap policy], Rule 2)."""
-        while self._cursor >= 0 and self._swapped[self._cursor].where is not Where.HOST:
+        """Issue the next host-to-device copies (NOTE [Swap policy], Rule 2).
+
+        An entry whose copy out is still in flight is a candidate too: it is
+        marked ``wanted`` and keeps its device copy when the copy completes, which
+        costs no transfer at all.
+        """
+
+        def pending(e: _Entry) -> bool:
+            return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
+
+        while self._cursor >= 0 and not pending(self._swapped[self._cursor]):
             self._cursor -= 1  # already back, or dead: never look at it again
         seen: list[int] = []
 
@@ -381,7 +390,7 @@ class ActivationSwapper:
             i = self._cursor
             while i >= 0:
                 e = self._swapped[i]
-                if e.where is Where.HOST:
+                if pending(e):
                     seen.append(i)
                     yield e.seq, e.nbytes
                 i -= 1
@@ -389,7 +398,11 @@ class ActivationSwapper:
         lookahead = self.runtime.config.lookahead
         keys = plan_prefetch(candidates(), self.budget.headroom(), len(self._prefetched), lookahead)
         for k in range(len(keys)):
-            self._fetch(self._swapped[seen[k]])
+            entry = self._swapped[seen[k]]
+            if entry.where is Where.OUTGOING:
+                entry.wanted = True
+            else:
+                self._fetch(entry)
         if keys:
             self._cursor = seen[len(keys) - 1] - 1
 

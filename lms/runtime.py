@@ -166,6 +166,10 @@ class Runtime:
     """
 
     def __init__(self, device: torch.device, config: LMSConfig) -> None:
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            # "cuda" and "cuda:0" compare unequal; tensors always carry the index.
+            device = torch.device(device.type, device_module(device).current_device())
         self.device = device
         self.config = config
         self.device_total = device_total_memory(device)
