@@ -1,0 +1,290 @@
+"""Train a GPT-style model with LMS under a memory limit, on one device or many ranks.
+
+One process, GPU if present, else CPU:
+
+    python examples/train_gpt.py --limit 2GiB --min-size 1MiB
+
+Several processes or nodes (ddl reduces the gradients whenever the world size is above 1):
+
+    torchrun --nproc-per-node 4 examples/train_gpt.py --limit 0.5 --algorithm auto
+
+Each rank trains on its own synthetic batches; the run ends with a memory report (limit, peak
+device memory, host memory, bytes swapped each way, stall time). ``--plot`` also writes a PNG
+of device and host bytes over one training step, sampled at module boundaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ddl  # noqa: E402
+import lms  # noqa: E402
+from examples.gpt import GPT, GPTConfig, synthetic_batch  # noqa: E402
+from examples.memory_timeline import MemoryTimeline  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    model = p.add_argument_group("model and data")
+    model.add_argument("--n-layer", type=int, default=4)
+    model.add_argument("--n-embd", type=int, default=128)
+    model.add_argument("--n-head", type=int, default=4)
+    model.add_argument("--vocab-size", type=int, default=512)
+    model.add_argument("--seq-len", type=int, default=128)
+    model.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    model.add_argument("--steps", type=int, default=30)
+    model.add_argument("--lr", type=float, default=3e-3)
+    model.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "sgd"],
+        help="AdamW, or SGD with momentum 0.9",
+    )
+    model.add_argument("--seed", type=int, default=0)
+    mem = p.add_argument_group("lms")
+    mem.add_argument(
+        "--limit",
+        default="8MiB",
+        help='device memory budget: bytes, "2GiB", or a fraction of the device (0.8)',
+    )
+    mem.add_argument("--min-size", default="64KiB", help="tensors smaller than this never move")
+    mem.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="page weights, gradients and optimizer state through host memory",
+    )
+    mem.add_argument("--no-lms", action="store_true", help="train without LMS, for comparison")
+    dist = p.add_argument_group("ddl (used when the world size is above 1)")
+    dist.add_argument(
+        "--algorithm",
+        default="auto",
+        choices=["auto", "native", "ring", "multiring", "hierarchical"],
+    )
+    dist.add_argument("--bucket-size", default="25MiB")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--save", default=None, help="write a checkpoint here at the end")
+    run.add_argument("--resume", default=None, help="continue from this checkpoint")
+    run.add_argument("--plot", default=None, help="write a PNG of memory over one step here")
+    run.add_argument("--json", default=None, help="write the losses and the report here")
+    run.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def weights_flag(value: str) -> str | bool:
+    return {"auto": "auto", "true": True, "false": False}[value]
+
+
+def rank_batch(
+    cfg: GPTConfig, args: argparse.Namespace, step: int, rank: int, world: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the step's global batch.
+
+    The global batch depends only on the seed and the step, so a resumed run sees the same data
+    as an uninterrupted one, and one process training ``world * batch`` sequences sees exactly
+    what the ranks see together.
+    """
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    x, y = synthetic_batch(cfg, args.batch * world, gen)
+    rows = slice(rank * args.batch, (rank + 1) * args.batch)
+    return x[rows].to(device), y[rows].to(device)
+
+
+def load_checkpoint(path: str, cfg: GPTConfig, world_size: int) -> dict:
+    """Read a checkpoint and refuse one that does not match this run's model or world size."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt["model_config"] != asdict(cfg):
+        diff = {
+            k: (v, asdict(cfg)[k]) for k, v in ckpt["model_config"].items() if asdict(cfg)[k] != v
+        }
+        raise SystemExit(
+            f"error: checkpoint {path} holds a different model shape "
+            f"(saved vs now: {diff}); pass the same model flags as the saved run"
+        )
+    if ckpt["world_size"] != world_size:
+        raise SystemExit(
+            f"error: checkpoint {path} was saved by {ckpt['world_size']} ranks and this "
+            f"run has {world_size}; resume with the same number of processes, because "
+            "the global batch (ranks x --batch) would change"
+        )
+    return ckpt
+
+
+def progress(steps: int, enabled: bool):
+    if enabled:
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            return tqdm(total=steps, unit="step", dynamic_ncols=True)
+    return None
+
+
+def memory_report(handle: lms.LMSHandle | None, device: torch.device) -> dict:
+    """The numbers the run ends with: LMS's counters, or the allocator's peak without LMS."""
+    if handle is not None:
+        return handle.stats().as_dict()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_device_bytes": peak}
+
+
+def format_report(handle: lms.LMSHandle | None, device: torch.device, report: dict) -> str:
+    if handle is None:
+        peak = report["peak_device_bytes"]
+        return f"memory report ({device}, LMS off)\n" + (
+            f"peak device      {peak / 2**30:.3f} GiB (allocator)" if peak is not None else ""
+        )
+    return f"memory report ({device})\n" + handle.stats().summary()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        ddl.init()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main_rank = rank == 0
+
+    cfg = GPTConfig(
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+    )
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(device)
+    ckpt = load_checkpoint(args.resume, cfg, world) if args.resume else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+
+    handle = None
+    if not args.no_lms:
+        handle = lms.enable(
+            model, limit=args.limit, min_size=args.min_size, weights=weights_flag(args.weights)
+        )
+    grad_sync = None
+    if distributed:
+        # Reduce paged gradients on the device before LMS moves them to host memory.
+        paging = handle is not None and handle.weights is not None
+        grad_ready = handle.weights.defer_grad_offload() if paging else None
+        grad_sync = ddl.wrap(
+            model, bucket_size=args.bucket_size, algorithm=args.algorithm, grad_ready=grad_ready
+        )
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    start_step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    timeline = MemoryTimeline(model, device, handle) if args.plot else None
+    bar = progress(args.steps, main_rank and not args.no_progress)
+    losses, step_times = [], []
+    tokens_per_step = args.batch * cfg.seq_len * world
+    for step in range(start_step, start_step + args.steps):
+        x, y = rank_batch(cfg, args, step, rank, world, device)
+        record = timeline is not None and step == start_step + min(2, args.steps - 1)
+        t0 = time.perf_counter()
+        with timeline.recording() if record else contextlib.nullcontext():
+            with autocast:
+                loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+        if main_rank and (step + 1) % args.log_every == 0:
+            dt = sum(step_times[-args.log_every :]) / len(step_times[-args.log_every :])
+            mem = (
+                f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak"
+                if device.type == "cuda"
+                else f"{handle.stats().peak_resident_bytes / 2**20:.1f} MiB resident peak"
+                if handle is not None
+                else "cpu"
+            )
+            msg = (
+                f"step {step + 1}: loss {losses[-1]:.4f}  {dt * 1e3:.1f} ms/step  "
+                f"{tokens_per_step / dt:,.0f} tokens/s  {mem}"
+            )
+            (bar.write if bar is not None else print)(msg)
+    if bar is not None:
+        bar.close()
+
+    if args.save and main_rank:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": start_step + args.steps,
+                "model_config": asdict(cfg),
+                "world_size": world,
+            },
+            args.save,
+        )
+    report = memory_report(handle, device)
+    result = {
+        "losses": losses,
+        "step_s": step_times,
+        "report": report,
+        "summary": {
+            "steps": args.steps,
+            "final_loss": losses[-1],
+            "median_step_s": sorted(step_times)[len(step_times) // 2],
+            **{
+                k: report[k]
+                for k in ("limit_bytes", "peak_device_bytes", "swapped_out_bytes", "stall_s")
+                if k in report
+            },
+        },
+    }
+    if main_rank:
+        print(format_report(handle, device, report))
+        if timeline is not None:
+            timeline.plot(args.plot)
+            print(f"wrote {args.plot}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    if grad_sync is not None:
+        grad_sync.remove()
+    if handle is not None:
+        handle.remove()
+    return result
+
+
+if __name__ == "__main__":
+    main()
