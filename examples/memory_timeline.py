@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 @dataclass
@@ -66,9 +67,11 @@ class MemoryTimeline:
         self.samples.clear()
         self._t0 = time.perf_counter()
         self._sample("step start")
+        opt_hook = register_optimizer_step_pre_hook(lambda *_: self._sample("optimizer"))
         try:
             yield
         finally:
+            opt_hook.remove()
             self._sample("step end")
             self._t0 = None
 
@@ -118,6 +121,11 @@ class MemoryTimeline:
                 ax.axvspan(prev.t * 1e3, cur.t * 1e3, color="tab:green", alpha=0.15, lw=0)
         ax.axvspan(0, 0, color="tab:red", alpha=0.15, label="copies to host issued")
         ax.axvspan(0, 0, color="tab:green", alpha=0.15, label="copies to device issued")
+        for phase in ("bwd", "optimizer"):
+            first = next((x.t * 1e3 for x in s if x.label.startswith(phase)), None)
+            if first is not None:
+                ax.axvline(first, color="grey", ls="--", lw=1)
+                ax.text(first, ax.get_ylim()[1], f" {phase}", va="top", fontsize=8)
         ax.set_xlabel("time in step (ms)")
         ax.set_ylabel("MiB")
         ax.set_title(f"Memory over one training step ({self.device})")
