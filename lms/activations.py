@@ -81,20 +81,20 @@ class _Entry:
         "ptr",
         "storage_ref",
         "where",
-        "flat",
+        "storage",
         "block",
         "copy",
         "refs",
         "wanted",
     )
 
-    def __init__(self, seq: int, flat: torch.Tensor, storage: Any) -> None:
+    def __init__(self, seq: int, storage: Any, nbytes: int) -> None:
         self.seq = seq
-        self.nbytes = flat.numel()
+        self.nbytes = nbytes
         self.ptr = storage.data_ptr()
         self.storage_ref = weakref.ref(storage)
         self.where = Where.DEVICE
-        self.flat: torch.Tensor | None = flat  # uint8 view of the whole device storage
+        self.storage = storage  # the device storage while LMS holds one, else None
         self.block = None  # HostBlock holding the host copy, once swapped
         self.copy: Copy | None = None  # the copy in flight, if any
         self.refs = 0  # live _Packed objects
@@ -150,7 +150,11 @@ class ActivationSwapper:
         self._scopes: list[Any] = []  # saved_tensors_hooks contexts (None: untouched forward)
         self._frozen: set[int] = set()  # storage pointers of parameters and buffers
         self._index: dict[int, _Entry] = {}  # storage data_ptr -> live entry
-        self._resident: OrderedDict[int, _Entry] = OrderedDict()  # evictable, save order
+        # Entries on the device, in save order: not yet used in backward (evicted
+        # first, also in backward), and already used or brought back (evicted in
+        # forward only: they are in use).
+        self._resident: OrderedDict[int, _Entry] = OrderedDict()
+        self._returned: OrderedDict[int, _Entry] = OrderedDict()
         self._outgoing: deque[_Entry] = deque()  # device-to-host copies in flight, FIFO
         self._outgoing_bytes = 0
         self._swapped: list[_Entry] = []  # entries ever evicted, in eviction (= save) order
@@ -220,8 +224,7 @@ class ActivationSwapper:
             if entry is not None and entry.storage_ref() is storage:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
                 return _Packed(self, entry, t)
-            flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
-            entry = _Entry(next(self._seq), flat, storage)
+            entry = _Entry(next(self._seq), storage, nbytes)
             entry.refs = 1
             packed = _Packed(self, entry, t)  # if anything below raises, this frees it
             self._index[ptr] = entry
@@ -240,9 +243,10 @@ class ActivationSwapper:
         need = self.budget.excess(entry.nbytes, allocated=True)
         freed = 0
         if need > 0:
-            keys = plan_evictions(((e.seq, e.nbytes) for e in self._resident.values()), need)
+            on_device = {**self._resident, **self._returned} if self._returned else self._resident
+            keys = plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need)
             for key in keys:
-                victim = self._resident[key]
+                victim = on_device[key]
                 self._evict(victim)
                 freed += victim.nbytes
         if freed < need:
@@ -277,11 +281,7 @@ class ActivationSwapper:
         need = self.budget.excess()
         if need <= 0:
             return
-        resident = (
-            (e.seq, e.nbytes)
-            for e in self._resident.values()
-            if e is not protect and e.where is Where.DEVICE
-        )
+        resident = ((e.seq, e.nbytes) for e in self._resident.values() if e is not protect)
         for key in plan_evictions(resident, need):
             self._evict(self._resident[key])
         self._throttle()
@@ -290,19 +290,24 @@ class ActivationSwapper:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""
         if entry.where is Where.BOTH:
             # The host copy is still valid (Rule 4): dropping the device copy is free.
-            del self._resident[entry.seq]
-            entry.flat = None
+            self._unlist(entry)
+            entry.storage = None
             entry.where = Where.HOST
             self.budget.release(entry.nbytes)
             return
         block = self.pool.acquire(entry.nbytes)  # may raise LMSError; nothing changed yet
-        del self._resident[entry.seq]
+        self._unlist(entry)
         self.budget.leaving(entry.nbytes)
         self._send_out(entry, block)
 
+    def _unlist(self, entry: _Entry) -> None:
+        if self._resident.pop(entry.seq, None) is None:
+            self._returned.pop(entry.seq, None)
+
     def _send_out(self, entry: _Entry, block: Any) -> None:
         entry.block = block
-        entry.copy = self.transfers.to_host(entry.flat, block)
+        flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(entry.storage)
+        entry.copy = self.transfers.to_host(flat, block)
         entry.where = Where.OUTGOING
         self._outgoing.append(entry)
         self._outgoing_bytes += entry.nbytes
@@ -317,15 +322,15 @@ class ActivationSwapper:
             if entry.refs == 0:
                 self.budget.release(entry.nbytes, leaving=True)
                 self.pool.release(entry.block)
-                entry.flat = entry.block = None
+                entry.storage = entry.block = None
                 entry.where = Where.DEAD
             elif entry.wanted:
                 self.budget.stay(entry.nbytes)
                 entry.wanted = False
                 entry.where = Where.BOTH
-                self._resident[entry.seq] = entry
+                self._returned[entry.seq] = entry
             else:
-                entry.flat = None  # Rule 4: freed only now that the copy is done
+                entry.storage = None  # Rule 4: freed only now that the copy is done
                 entry.where = Where.HOST
                 self.budget.release(entry.nbytes, leaving=True)
         while self._graveyard and self.transfers.done(self._graveyard[0]):
@@ -349,14 +354,17 @@ class ActivationSwapper:
                 entry.copy = None
                 entry.where = Where.BOTH
                 del self._prefetched[entry.seq]
-                self._resident[entry.seq] = entry
+                self._returned[entry.seq] = entry
             elif entry.where is Where.OUTGOING:
                 entry.wanted = True
-            flat = entry.flat
+            elif entry.where is Where.DEVICE and entry.seq in self._resident:
+                # Never swapped, now in use: not a candidate for eviction in backward.
+                self._returned[entry.seq] = self._resident.pop(entry.seq)
+            storage = entry.storage
             self._enforce_limit(protect=entry)  # gradients grow during backward
             self._prefetch()
         out = torch.empty(0, dtype=packed.dtype, device=self.device)
-        return out.set_(flat.untyped_storage(), packed.offset, packed.size, packed.stride)
+        return out.set_(storage, packed.offset, packed.size, packed.stride)
 
     def _fetch(self, entry: _Entry) -> None:
         try:
@@ -366,7 +374,7 @@ class ActivationSwapper:
                 raise self.runtime.oom_error(e, "while bringing a saved tensor back") from e
             raise
         entry.copy = copy
-        entry.flat = copy.tensor
+        entry.storage = copy.tensor.untyped_storage()
         entry.where = Where.INCOMING
         self.budget.charge(entry.nbytes)
         self._prefetched[entry.seq] = entry
@@ -420,7 +428,7 @@ class ActivationSwapper:
             if where is Where.OUTGOING:
                 return  # _reap frees it once the copy is done
             if where in (Where.DEVICE, Where.BOTH):
-                self._resident.pop(entry.seq, None)
+                self._unlist(entry)
                 self.budget.release(entry.nbytes)
             elif where is Where.INCOMING:
                 # The copy still writes the device buffer: keep it alive until done.
@@ -429,7 +437,7 @@ class ActivationSwapper:
                 self.budget.release(entry.nbytes)
             if entry.block is not None:
                 self.pool.release(entry.block)
-            entry.flat = entry.block = entry.copy = None
+            entry.storage = entry.block = entry.copy = None
             entry.where = Where.DEAD
 
     # -- teardown -----------------------------------------------------------

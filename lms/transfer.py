@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, NamedTuple
 
@@ -48,6 +49,13 @@ class _DoneEvent:
 
     def synchronize(self) -> None:
         pass
+
+
+def _label(name: str) -> Any:
+    """``record_function(name)`` while a profiler runs; nothing (and no cost) otherwise."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def device_module(device: torch.device) -> Any:
@@ -103,7 +111,7 @@ class Transfers:
         """Start copying the flat ``uint8`` device tensor ``src`` into ``block``."""
         nbytes = src.numel()
         dst = block.view(nbytes)
-        with torch.profiler.record_function("lms::d2h"):
+        with _label("lms::d2h"):
             start = time.perf_counter()
             self.d2h.wait_stream(self.current_stream())  # Rule 1: src comes from compute
             if block.last_event is not None:
@@ -122,7 +130,7 @@ class Transfers:
 
     def to_device(self, block: HostBlock, nbytes: int) -> Copy:
         """Start copying the first ``nbytes`` of ``block`` into a new device tensor."""
-        with torch.profiler.record_function("lms::h2d"):
+        with _label("lms::h2d"):
             start = time.perf_counter()
             dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # Rule 2
             self.h2d.wait_stream(self.current_stream())
