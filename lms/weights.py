@@ -78,9 +78,16 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   the next forward or optimizer step, else LMS raises ``LMSError`` naming the
 #   parameters rather than stepping on unreduced gradients. Parameters that are
 #   not paged may be passed too; they are ignored.
-# Rule 9 (activations are not ours). Parameters and their views are never
-#   swapped by the activation path; ``is_paged_storage(t)`` tells it whether a
-#   tensor lives in a shell (lms/activations.py skips those).
+# Rule 9 (activations are not ours). The activation path never swaps a
+#   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
+#   which covers everything autograd saves from a shell; a copy made from a
+#   shell (an autocast cast) is an ordinary activation. ``is_paged_storage(t)``
+#   answers for any other path that needs to ask.
+# Rule 10 (a model larger than the device). It may be built on the host and
+#   enabled with ``lms.enable(model, device="cuda", ...)``: paged parameters are
+#   copied straight into their masters and never occupy the device whole; the
+#   parameters that stay resident, and the buffers, are moved to the device.
+#   ``remove()`` brings every parameter to the device (which must then fit).
 """
 
 from __future__ import annotations
@@ -200,6 +207,29 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled() if device_type == "cuda" else False
 
 
+def _move_rest_to(model: nn.Module, device: torch.device, paged: dict[int, Any]) -> None:
+    """Move the parameters LMS does not page, and the buffers, from the host to ``device``.
+
+    NOTE [Weight paging] Rule 10: a model too large for the device is built on the
+    host; the paged parameters are copied into their masters, the rest moves.
+    """
+    if device.type == "cpu":
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is None or id(p) in paged or p.device == device:
+                    continue
+                grad = p.grad
+                p.grad = None
+                p.data = p.data.to(device)
+                if grad is not None:
+                    p.grad = grad.to(device)
+            for name, b in module._buffers.items():
+                if b is not None and b.device != device:
+                    module._buffers[name] = b.to(device)
+
+
 def _graph_task_id() -> int:
     """Id of the running backward (-1 outside one; 0 where torch cannot tell)."""
     get = getattr(torch._C, "_current_graph_task_id", None)
@@ -266,11 +296,12 @@ class WeightPaging:
     def _setup(self) -> None:
         device = self.rt.device
         named = [(n, p) for n, p in self.model.named_parameters() if n in self.plan.paged]
+        cpu = torch.device("cpu")
         for name, p in named:
-            if p.device != device:
+            if p.device not in (device, cpu):
                 raise LMSError(
                     f"parameter {name!r} is on {p.device} but LMS manages {device}; "
-                    "move the model to one device before lms.enable"
+                    "build the model on the host or on that device before lms.enable"
                 )
         self._check_host_memory(named)
         created: list[PagedParam] = []
@@ -301,6 +332,7 @@ class WeightPaging:
                 p.grad = pp.acc if pp.acc_valid else None
                 self.paged.append(pp)
                 self._by_param[id(p)] = pp
+        _move_rest_to(self.model, device, self._by_param)  # Rule 10
         self._install_hooks()
 
     def _check_host_memory(self, named: list[tuple[str, nn.Parameter]]) -> None:
@@ -396,8 +428,13 @@ class WeightPaging:
         """Qualified names of the paged parameters."""
         return [pp.name for pp in self.paged]
 
-    def remove(self) -> None:
-        """Bring every paged parameter back to the device and remove all hooks (idempotent)."""
+    def remove(self, to_device: bool = True) -> None:
+        """Bring every paged parameter back to the device and remove all hooks (idempotent).
+
+        Args:
+            to_device: ``False`` leaves the parameters (and their optimizer state) on
+                the host as ordinary tensors, for a model larger than the device.
+        """
         with self.rt.lock:
             if self._removed:
                 return
@@ -408,16 +445,18 @@ class WeightPaging:
                 handle.remove()
             self._handles.clear()
             self._out_hooks.clear()
-            device = self.rt.device
+            device = self.rt.device if to_device else torch.device("cpu")
             for pp in self.paged:
                 p = pp.param
                 grad = p.grad
                 p.grad = None
+                # A copy even on the host: the pool blocks are handed out again.
                 p.data = pp.master.to(device, copy=True)
                 if grad is not None:
                     p.grad = grad.to(device, copy=True)
-            for opt in list(self._optimizers):
-                self._move_state(opt, to_host=False)
+            if to_device:
+                for opt in list(self._optimizers):
+                    self._move_state(opt, to_host=False)
             for pp in self.paged:
                 self._free_blocks(pp)
             self.paged.clear()
@@ -836,5 +875,6 @@ def attach_weight_paging(
     if plan is None:
         plan = plan_for_model(model, runtime)
     if not plan.paged:
+        _move_rest_to(model, runtime.device, {})  # Rule 10: a host-built model that fits
         return None
     return WeightPaging(model, runtime, plan)
