@@ -1,0 +1,141 @@
+"""Weight paging on CUDA (run by benchmarks/gpu_check.sh): pinned masters, streams, peaks.
+
+The CPU tests run the same logic with synchronous copies; these check what only a
+GPU has: fills and gradient copies on side streams guarded by events, shell
+storage freed in compute-stream order, the allocator's peak, and a host-side
+optimizer step next to device-side resident parameters.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import lms
+from examples.gpt import GPT, GPTConfig, synthetic_batch
+from lms.weights import WeightPaging, Where
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*without fused=True")]
+
+CFG = GPTConfig(n_layer=4, n_embd=256, n_head=4, seq_len=128, vocab_size=4096)
+
+
+def batch(seed=1, n=4):
+    return synthetic_batch(CFG, n, torch.Generator().manual_seed(seed), device="cuda")
+
+
+def grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    with sdpa_kernel(SDPBackend.MATH):  # deterministic backward, so bits can be compared
+        loss = model(x, y)
+        loss.backward()
+    torch.cuda.synchronize()
+    return loss.detach(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+
+
+def param_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_cuda_grads_bitwise_with_paged_weights():
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    x, y = batch()
+    want_loss, want = grads(model, x, y)
+    limit = param_bytes(model) // 8
+    with lms.enable(model, limit=limit, min_size="64KiB", weights=True) as handle:
+        assert handle.weights is not None
+        assert all(pp.master.is_pinned() for pp in handle.weights.paged)
+        for _ in range(2):
+            loss, got = grads(model, x, y)
+            assert torch.equal(loss, want_loss)
+            for n in want:
+                assert torch.equal(want[n], got[n]), n
+        assert handle.weights.paged[0].param.device.type == "cpu"  # between steps: host
+    assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+def test_cuda_training_matches_device_optimizer_closely():
+    # The paged parameters step on the host (CPU fused AdamW), the baseline on the
+    # device (CUDA fused AdamW): the same maths in different kernels, so parameters
+    # agree to a few ulps per step rather than bitwise.
+    torch.manual_seed(0)
+    base = GPT(CFG).cuda()
+    paged = copy.deepcopy(base)
+    handle = lms.enable(paged, limit=param_bytes(paged) // 8, min_size="64KiB", weights=True)
+    ob = torch.optim.AdamW(base.parameters(), lr=1e-3, fused=True)
+    op = torch.optim.AdamW(paged.parameters(), lr=1e-3, fused=True)
+    for step in range(4):
+        x, y = batch(seed=step)
+        for model, opt in ((base, ob), (paged, op)):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            model.last = loss.item()
+        assert abs(base.last - paged.last) < 1e-2 * abs(base.last)
+    sb, sp = base.state_dict(), paged.state_dict()
+    for k in sb:
+        torch.testing.assert_close(sp[k].cuda(), sb[k], rtol=1e-4, atol=1e-5)
+    handle.remove()
+
+
+def test_peak_device_memory_far_below_parameter_state():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=8, n_embd=1024, n_head=8, seq_len=128, vocab_size=8192)
+    model = GPT(cfg)  # built on the host: paged parameters never sit on the device whole
+    state = 4 * param_bytes(model)  # parameters, gradients, two AdamW moments
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    handle = lms.enable(model, limit=state // 8, min_size="1MiB", weights=True, device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+    allocs = []
+    for _ in range(3):
+        x, y = synthetic_batch(cfg, 2, g, device="cuda")
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        allocs.append(handle.stats().pinned_allocs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    assert peak < state / 3, (peak, state)
+    s = handle.stats()
+    assert s.swapped_in_bytes >= 3 * 2 * handle.weights.plan.paged_bytes
+    assert allocs[1] == allocs[2]  # steady state: no pinned allocation after the first step
+    handle.weights.remove(to_device=False)
+    handle.remove()
+
+
+def test_stream_race_with_delayed_weight_copies(monkeypatch):
+    # Delay every fill and every gradient copy: reading a shell before its fill
+    # landed, or dropping a device gradient before its copy out finished, would
+    # change the gradients.
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    x, y = batch()
+    want_loss, want = grads(model, x, y)
+    fetch, offload = WeightPaging._fetch, WeightPaging._offload_grad
+
+    def slow_fetch(self, pp):
+        if pp.where is Where.OUT:
+            with torch.cuda.stream(self.rt.transfers.h2d):
+                torch.cuda._sleep(2_000_000)
+        fetch(self, pp)
+
+    def slow_offload(self, pp):
+        with torch.cuda.stream(self.rt.transfers.d2h):
+            torch.cuda._sleep(2_000_000)
+        offload(self, pp)
+
+    monkeypatch.setattr(WeightPaging, "_fetch", slow_fetch)
+    monkeypatch.setattr(WeightPaging, "_offload_grad", slow_offload)
+    with lms.enable(model, limit=0, min_size="64KiB", weights=True) as handle:
+        for _ in range(2):
+            loss, got = grads(model, x, y)
+            assert torch.equal(loss, want_loss)
+            for n in want:
+                assert torch.equal(want[n], got[n]), n
+        assert handle.stats().stall_s > 0
