@@ -242,20 +242,25 @@ class ActivationSwapper:
         self._reap()
         need = self.budget.excess(entry.nbytes, allocated=True)
         freed = 0
-        if need > 0:
-            on_device = {**self._resident, **self._returned} if self._returned else self._resident
-            keys = plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need)
-            for key in keys:
-                victim = on_device[key]
-                self._evict(victim)
-                freed += victim.nbytes
-        if freed < need:
-            try:
+        block = None
+        try:
+            if need > 0:
+                on_device = (
+                    {**self._resident, **self._returned} if self._returned else self._resident
+                )
+                keys = plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need)
+                for key in keys:
+                    victim = on_device[key]
+                    self._evict(victim)
+                    freed += victim.nbytes
+            if freed < need:
                 block = self.pool.acquire(entry.nbytes)
-            except BaseException:
-                self.budget.charge(entry.nbytes)  # stays resident; _drop releases it
-                self._resident[entry.seq] = entry
-                raise
+        except BaseException:
+            # The host is full: the entry stays resident, and _drop releases it.
+            self.budget.charge(entry.nbytes)
+            self._resident[entry.seq] = entry
+            raise
+        if block is not None:
             self.budget.charge(entry.nbytes, leaving=True)
             self._send_out(entry, block)
         else:

@@ -233,10 +233,11 @@ def test_a_graph_dropped_without_backward_frees_everything():
         assert handle.runtime.pool.in_use_bytes == 0
 
 
-def test_host_cap_raises_lms_error_and_leaves_a_working_model():
+@pytest.mark.parametrize("limit", [0, 64 * 1024])  # new tensor sent out / older ones evicted
+def test_host_cap_raises_lms_error_and_leaves_a_working_model(limit):
     model, x, y = small_gpt()
     want = [p.grad for p in model.parameters()]
-    with lms.enable(model, weights=False, limit=0, min_size=0, host_limit="64KiB") as handle:
+    with lms.enable(model, weights=False, limit=limit, min_size=0, host_limit="64KiB") as handle:
         with pytest.raises(lms.LMSError, match="host_limit"):
             model(x, y)
         assert handle.activations.live_entries() == 0
