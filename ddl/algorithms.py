@@ -1,0 +1,299 @@
+"""The allreduce algorithms: thin code that carries out a ``ddl.topology`` plan.
+
+Every function here runs on the communication worker (see NOTE [One worker, one order] in
+``ddl/group.py``) over one flat, contiguous 1-D tensor, in place.
+
+# NOTE [Ring mechanics]
+# 1. A ring step posts one send (to the next position) and one receive (from the previous)
+#    per ring, all at once, then waits for all of them: concurrent rings (multiring) and
+#    both link directions are busy in the same step. On NCCL the step's operations go in
+#    one ``batch_isend_irecv`` group; on Gloo each is an ``isend``/``irecv`` with the
+#    ring's index as tag, waited with the ddl timeout.
+# 2. Reduce-scatter receives into a scratch buffer and adds into the chunk; all-gather
+#    receives straight into place. Zero-length chunks (fewer elements than ranks) are
+#    skipped on both sides, because every rank computes the same chunk bounds.
+# 3. "mean" divides each owned chunk once, after its sum is complete and before it is
+#    gathered, so every rank ends with bitwise the same values, equal to sum / world_size.
+# 4. Reduction order differs between algorithms (ring: a chunk's sum is accumulated
+#    around the ring), so results agree with the backend's all_reduce to rounding, not
+#    bitwise; with two ranks a + b == b + a, so every algorithm is bitwise equal.
+# 5. Each ring phase is a generator of steps; ``_run`` advances several generators in
+#    lockstep rounds. All ranks build the same generators with the same step counts, so
+#    round t holds matching sends and receives everywhere and nothing can deadlock;
+#    distinct tags per ring keep concurrent messages between one pair apart.
+# 6. "hierarchical" is pipelined: a large tensor is cut into pieces (4 MiB, at most 8),
+#    and piece k starts its node-local reduce-scatter while piece k-1 is on the
+#    inter-node ring, so the slow links stay busy and the node-local phases hide
+#    behind them; only the first piece's reduce-scatter and the last piece's all-gather
+#    are exposed.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import DDLError
+from .topology import (
+    ALGORITHMS,
+    Topology,
+    all_gather_schedule,
+    check_algorithm,
+    chunk_bounds,
+    hierarchical_groups,
+    multiring_orders,
+    reduce_scatter_schedule,
+    ring_order,
+)
+
+__all__ = ["OPS", "allreduce_flat", "resolve_algorithm"]
+
+OPS: tuple[str, ...] = ("sum", "mean")
+_PIECE_BYTES = 4 << 20  # "hierarchical" pipeline piece (NOTE [Ring mechanics] rule 6)
+_MAX_PIECES = 8
+
+
+def resolve_algorithm(algorithm: str, nbytes: int, topo: Topology) -> str:
+    """Turn ``"auto"`` into a concrete algorithm via ``ddl.costmodel``; check the fit.
+
+    Args:
+        algorithm: one of ``ddl.topology.CHOICES``.
+        nbytes: bytes each rank contributes.
+        topo: the job's topology.
+
+    Returns:
+        A name in ``ddl.topology.ALGORITHMS`` that fits ``topo``.
+
+    Raises:
+        DDLError: unknown algorithm, or one that does not fit the topology.
+
+    Example:
+        >>> resolve_algorithm("ring", 1 << 20, Topology(4, 2))
+        'ring'
+    """
+    check_algorithm(topo, algorithm)
+    if algorithm != "auto":
+        return algorithm
+    from . import costmodel  # late: the cost model is optional for explicit algorithms
+
+    chosen = costmodel.choose_algorithm(int(nbytes), topo.world_size, topo.local_size)
+    if chosen not in ALGORITHMS:
+        raise DDLError(
+            f"ddl.costmodel.choose_algorithm returned {chosen!r}, not one of {ALGORITHMS}"
+        )
+    if chosen == "hierarchical" and not topo.uniform:
+        chosen = "ring"  # the model should not pick it; stay safe if it does
+    return chosen
+
+
+def multiring_count() -> int:
+    """Rings used by "multiring": ``DDL_RINGS`` (default 2: one per link direction)."""
+    raw = os.environ.get("DDL_RINGS", "2")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise DDLError(f"DDL_RINGS={raw!r} must be a positive integer (rings for 'multiring')")
+    return n
+
+
+@dataclass
+class _Link:
+    """Point-to-point plumbing for one collective (see NOTE [Ring mechanics] rule 1)."""
+
+    group: object
+    timeout: object  # datetime.timedelta
+    nccl: bool
+
+    def step(
+        self, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]
+    ) -> None:
+        """Post all ``(tensor, peer, tag)`` sends and receives of one step, wait for all."""
+        if self.nccl:
+            ops = [dist.P2POp(dist.isend, t, peer, self.group, tag) for t, peer, tag in sends]
+            ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag) for t, peer, tag in recvs]
+            if not ops:
+                return
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()  # stream-ordered; NCCL's watchdog enforces the group timeout
+            return
+        works = [dist.isend(t, peer, group=self.group, tag=tag) for t, peer, tag in sends]
+        works += [dist.irecv(t, peer, group=self.group, tag=tag) for t, peer, tag in recvs]
+        for w in works:
+            w.wait(self.timeout)
+
+    def wait(self, work: object) -> None:
+        if self.nccl:
+            work.wait()
+        else:
+            work.wait(self.timeout)
+
+
+@dataclass
+class _Ring:
+    """One ring over ``buf``: ``order`` lists global ranks; ``tag`` tells its messages apart."""
+
+    order: tuple[int, ...]
+    buf: torch.Tensor
+    tag: int
+
+    def __post_init__(self) -> None:
+        self.p = len(self.order)
+        self.bounds = chunk_bounds(self.buf.numel(), self.p)
+
+    def chunk(self, c: int) -> torch.Tensor:
+        a, b = self.bounds[c]
+        return self.buf[a:b]
+
+
+# One round of one ring: (sends, receives, what to do once both are complete).
+_Msg = tuple[torch.Tensor, int, int]
+_Step = tuple[list[_Msg], list[_Msg], Callable[[], None] | None]
+
+
+def _reduce_scatter_steps(rank: int, r: _Ring) -> Iterator[_Step]:
+    """After these steps, position ``i`` holds the sum of chunk ``i``."""
+    if r.p == 1:
+        return
+    pos = r.order.index(rank)
+    nxt, prv = r.order[(pos + 1) % r.p], r.order[(pos - 1) % r.p]
+    scratch = torch.empty(max(b - a for a, b in r.bounds), dtype=r.buf.dtype, device=r.buf.device)
+    for send_c, recv_c in reduce_scatter_schedule(pos, r.p):
+        out, dst = r.chunk(send_c), r.chunk(recv_c)
+        tmp = scratch[: dst.numel()]
+        sends = [(out, nxt, r.tag)] if out.numel() else []
+        recvs = [(tmp, prv, r.tag)] if dst.numel() else []
+        yield sends, recvs, functools.partial(dst.add_, tmp)
+
+
+def _all_gather_steps(rank: int, r: _Ring) -> Iterator[_Step]:
+    """From "position ``i`` owns chunk ``i``" to every position holding every chunk."""
+    if r.p == 1:
+        return
+    pos = r.order.index(rank)
+    nxt, prv = r.order[(pos + 1) % r.p], r.order[(pos - 1) % r.p]
+    for send_c, recv_c in all_gather_schedule(pos, r.p):
+        out, dst = r.chunk(send_c), r.chunk(recv_c)
+        sends = [(out, nxt, r.tag)] if out.numel() else []
+        recvs = [(dst, prv, r.tag)] if dst.numel() else []
+        yield sends, recvs, None
+
+
+def _allreduce_steps(rank: int, r: _Ring, divisor: int | None) -> Iterator[_Step]:
+    yield from _reduce_scatter_steps(rank, r)
+    if divisor is not None:  # NOTE [Ring mechanics] rule 3; a round without messages
+        yield [], [], functools.partial(r.chunk(r.order.index(rank)).div_, divisor)
+    yield from _all_gather_steps(rank, r)
+
+
+def _run(link: _Link, chains: list[Iterator[_Step]], starts: list[int] | None = None) -> None:
+    """Advance every chain one step per round, all messages of a round at once.
+
+    Chain ``k`` joins at round ``starts[k]`` (default 0). Every rank builds the same chains
+    with the same step counts, so round ``t`` pairs every send with its receive on the
+    peer (NOTE [Ring mechanics] rule 5).
+    """
+    starts = starts or [0] * len(chains)
+    pending = sorted(zip(starts, range(len(chains))))
+    active: list[Iterator[_Step]] = []
+    t = 0
+    while pending or active:
+        while pending and pending[0][0] <= t:
+            active.append(chains[pending.pop(0)[1]])
+        sends, recvs, after, alive = [], [], [], []
+        for chain in active:
+            step = next(chain, None)
+            if step is None:
+                continue
+            alive.append(chain)
+            sends += step[0]
+            recvs += step[1]
+            if step[2] is not None:
+                after.append(step[2])
+        active = alive
+        link.step(sends, recvs)
+        for fn in after:
+            fn()
+        t += 1
+
+
+def _pieces(nbytes: int) -> int:
+    """How many pipelined pieces "hierarchical" cuts a tensor into (NOTE rule 6)."""
+    return max(1, min(_MAX_PIECES, nbytes // _PIECE_BYTES))
+
+
+def allreduce_flat(
+    flat: torch.Tensor,
+    op: str,
+    algorithm: str,
+    rank: int,
+    topo: Topology,
+    group: object,
+    timeout: object,
+    nccl: bool,
+) -> None:
+    """Reduce the 1-D contiguous ``flat`` in place across all ranks with ``algorithm``.
+
+    Args:
+        flat: this rank's contribution; overwritten with the result.
+        op: ``"sum"`` or ``"mean"``.
+        algorithm: a concrete name from ``ALGORITHMS`` (``"auto"`` resolved already).
+        rank: this process's global rank.
+        topo: the topology every rank shares.
+        group: the process group spanning all ranks to talk on.
+        timeout: per-operation ``datetime.timedelta`` (Gloo); NCCL uses its watchdog.
+        nccl: whether ``group`` is an NCCL group (batched point-to-point, stream waits).
+
+    Raises:
+        DDLError: unknown algorithm or op.
+
+    Example:
+        >>> allreduce_flat(t.view(-1), "mean", "ring", 0, Topology(2, 1), g, td, False)
+    """
+    if op not in OPS:
+        raise DDLError(f"unknown op {op!r}; use one of {', '.join(OPS)}")
+    ws = topo.world_size
+    divisor = ws if op == "mean" else None
+    if ws == 1:
+        return
+    link = _Link(group, timeout, nccl)
+    if algorithm == "native":
+        link.wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True))
+        if divisor is not None:
+            flat.div_(divisor)
+    elif algorithm == "ring":
+        _run(link, [_allreduce_steps(rank, _Ring(ring_order(topo), flat, 0), divisor)])
+    elif algorithm == "multiring":
+        orders = multiring_orders(topo, multiring_count())
+        parts = chunk_bounds(flat.numel(), len(orders))
+        rings = [_Ring(o, flat[a:b], k) for k, (o, (a, b)) in enumerate(zip(orders, parts))]
+        _run(link, [_allreduce_steps(rank, r, divisor) for r in rings])
+    elif algorithm == "hierarchical":
+        intra, inter = hierarchical_groups(topo)
+        node, j = intra[topo.node_of(rank)], topo.local_rank_of(rank)
+        chains = []
+        for k, (a, b) in enumerate(
+            chunk_bounds(flat.numel(), _pieces(flat.numel() * flat.element_size()))
+        ):
+            # Piece k: reduce-scatter in the node; shard j (held by local rank j on every
+            # node) crosses nodes on its own ring, all local ranks at once; all-gather back.
+            local = _Ring(node, flat[a:b], 2 * k)
+            across = _Ring(inter[j], local.chunk(j), 2 * k + 1)
+            chains.append(
+                itertools.chain(
+                    _reduce_scatter_steps(rank, local),
+                    _allreduce_steps(rank, across, divisor),
+                    _all_gather_steps(rank, local),
+                )
+            )
+        # Stagger: piece k starts its node-local reduce-scatter while piece k-1 crosses.
+        _run(link, chains, [k * (len(node) - 1) for k in range(len(chains))])
+    else:
+        raise DDLError(f"unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")

@@ -1,0 +1,402 @@
+"""``ddl.wrap``: gradient buckets reduced during backward, overlapping the rest of it.
+
+# NOTE [Bucket lifecycle]
+# 1. Plan (pure, ``plan_buckets``): parameters in reverse registration order (roughly the
+#    order backward produces their gradients), grouped by (device, dtype), cut into
+#    buckets of ``bucket_size`` bytes; the first bucket is capped at ``first_bucket_size``
+#    so that communication starts early, as DDP does.
+# 2. Fill: a post-accumulate-grad hook copies each gradient into its bucket's flat buffer.
+#    The first hook of a backward queues ``_finalize`` on the autograd engine, which runs
+#    after the last gradient and before ``backward()`` returns.
+# 3. Launch: a complete bucket is reduced asynchronously on the communication worker (on
+#    its own stream on accelerators; see ddl/group.py NOTE [One worker, one order]).
+#    Buckets launch strictly in index order, so every rank issues the same collectives in
+#    the same order even when a rank's unused parameters complete its buckets late.
+# 4. Reduce: like DDP, the bucket is divided by the world size and then summed, and the
+#    result is copied back into each ``.grad`` on the worker.
+# 5. Finalize: buckets still incomplete hold parameters this rank did not use; their slots
+#    take the gradient if one exists, else zeros, and they launch in order. A small
+#    all-reduce of per-parameter "used" flags then tells which parameters no rank used:
+#    those keep their ``.grad`` untouched (None stays None), the rest receive the reduced
+#    value even on ranks that did not use them, as DDP with find_unused_parameters does.
+# 6. ``grad_ready(params)`` is called in bucket order, in the backward thread, once a
+#    bucket's values are in ``.grad`` (the caller's stream already ordered after them):
+#    during backward for buckets that finished early, in ``_finalize`` for the rest.
+#    This is where ``lms`` can page gradients to the host; ddl never imports lms.
+#    Under ``no_sync()`` nothing is reduced, so each hook calls ``grad_ready([param])``
+#    at once: every gradient produced in a backward is announced exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import group as _group
+from .algorithms import allreduce_flat, resolve_algorithm
+from .collectives import broadcast_, check_same_everywhere
+from .config import WrapConfig
+from .errors import DDLError
+
+__all__ = ["GradSync", "plan_buckets", "wrap"]
+
+
+def plan_buckets(
+    params: Sequence[tuple[int, str]], bucket_bytes: int, first_bucket_bytes: int
+) -> tuple[tuple[int, ...], ...]:
+    """Group parameter indices into buckets (see NOTE [Bucket lifecycle] rule 1).
+
+    Args:
+        params: ``(nbytes, key)`` per parameter in registration order; ``key`` names what
+            must match inside a bucket (device and dtype).
+        bucket_bytes: close a bucket once it holds at least this many bytes.
+        first_bucket_bytes: the same for the first bucket closed.
+
+    Returns:
+        Buckets in launch order; each lists parameter indices in reverse registration order.
+
+    Example:
+        >>> plan_buckets([(4, "f32"), (4, "f32"), (8, "f32")], 8, 8)
+        ((2,), (1, 0))
+    """
+    if bucket_bytes <= 0 or first_bucket_bytes <= 0:
+        raise DDLError("bucket sizes must be positive")
+    buckets: list[tuple[int, ...]] = []
+    open_: dict[str, list[int]] = {}
+    open_bytes: dict[str, int] = {}
+    cap = first_bucket_bytes
+    for i in reversed(range(len(params))):
+        nbytes, key = params[i]
+        open_.setdefault(key, []).append(i)
+        open_bytes[key] = open_bytes.get(key, 0) + nbytes
+        if open_bytes[key] >= cap:
+            buckets.append(tuple(open_.pop(key)))
+            del open_bytes[key]
+            cap = bucket_bytes
+    buckets.extend(tuple(v) for v in open_.values())
+    return tuple(buckets)
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"  # between backward passes
+    BACKWARD = "backward"  # hooks firing, _finalize queued
+
+
+class _Bucket:
+    """One flat buffer, the parameters it holds, and its progress in the current backward."""
+
+    def __init__(self, index: int, params: list[torch.nn.Parameter], algorithm: str):
+        self.index = index
+        self.params = params
+        self.algorithm = algorithm
+        self.offsets = []
+        n = 0
+        for p in params:
+            self.offsets.append(n)
+            n += p.numel()
+        self.numel = n
+        self.buffer = torch.zeros(n, dtype=params[0].dtype, device=params[0].device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.ready = [False] * len(self.params)
+        self.n_ready = 0
+        self.handle: _group.Handle | None = None
+        self.locally_unused: list[int] = []
+
+    def view(self, k: int) -> torch.Tensor:
+        p = self.params[k]
+        return self.buffer[self.offsets[k] : self.offsets[k] + p.numel()].view_as(p)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_ready == len(self.params)
+
+
+class GradSync:
+    """The handle ``ddl.wrap`` returns: owns every hook it installed.
+
+    ``remove()`` (idempotent) takes them all out; the handle is also a context manager.
+    ``no_sync()`` skips reduction for gradient accumulation.
+
+    Attributes:
+        bucket_names: the plan, as parameter names per bucket (launch order).
+        algorithms: the concrete algorithm of each bucket ("auto" resolved).
+        launch_points: for the last backward, how many gradients were ready when each
+            bucket launched (a bucket launched before the last gradient overlapped).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: WrapConfig,
+        grad_ready: Callable[[list[torch.nn.Parameter]], None] | None,
+    ):
+        s = _group.current()
+        if not isinstance(model, torch.nn.Module):
+            raise DDLError(f"ddl.wrap needs a torch.nn.Module, got {type(model).__name__}")
+        if grad_ready is not None and not callable(grad_ready):
+            raise DDLError("grad_ready must be a callable taking a list of parameters")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise DDLError("ddl.wrap: the model has no parameters that require grad")
+        for n, p in named:
+            if p.is_sparse:
+                raise DDLError(f"ddl.wrap: parameter {n!r} is sparse; sparse grads unsupported")
+        self._config = config
+        self._grad_ready = grad_ready
+        self._lock = threading.RLock()
+        self._phase = _Phase.IDLE
+        self._sync = True
+        self._removed = False
+        meta = [(p.numel() * p.element_size(), f"{p.device}/{p.dtype}") for _, p in named]
+        plan = plan_buckets(meta, config.bucket_bytes, config.first_bucket_bytes)
+        self._params = [p for _, p in named]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}
+        for b, idx in enumerate(plan):
+            ps = [self._params[i] for i in idx]
+            nbytes = sum(p.numel() * p.element_size() for p in ps)
+            alg = resolve_algorithm(config.algorithm, nbytes, s.topology)
+            self._buckets.append(_Bucket(b, ps, alg))
+            for k, i in enumerate(idx):
+                self._where[i] = (b, k)
+        self.bucket_names = tuple(tuple(named[i][0] for i in idx) for idx in plan)
+        self.algorithms = tuple(b.algorithm for b in self._buckets)
+        self.launch_points: list[int] = []
+        # Same model everywhere? Checked before the broadcast, whose sizes depend on it.
+        check = functools.partial(self._check_layout, s)
+        _group.submit(s, torch.device("cpu"), check, None, "ddl.wrap", inline=True).wait()
+        if config.broadcast:
+            with torch.no_grad():
+                broadcast_([p.data for p in self._params] + [b.data for b in model.buffers()])
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+            for i, p in enumerate(self._params)
+        ]
+
+    # ---------------------------------------------------------------- public surface
+
+    def remove(self) -> None:
+        """Remove every hook ``wrap`` installed; safe to call twice."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __enter__(self) -> GradSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Inside, backward accumulates local gradients without communication.
+
+        Example:
+            >>> with handle.no_sync():
+            ...     model(x1).sum().backward()  # local only
+            >>> model(x2).sum().backward()  # reduces the accumulated gradients
+        """
+        prev = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    # ---------------------------------------------------------------- backward runtime
+
+    def _on_grad(self, i: int, param: torch.Tensor) -> None:
+        if self._removed:
+            return
+        if not self._sync:
+            # No reduction in this step: the local gradient is already final for now, so
+            # a gradient pager waiting on grad_ready may take it (NOTE rule 6).
+            if self._grad_ready is not None:
+                self._grad_ready([param])
+            return
+        with self._lock:
+            if self._phase is _Phase.IDLE:
+                self._start_backward()
+            b, k = self._where[i]
+            bucket = self._buckets[b]
+            if bucket.ready[k]:
+                raise DDLError(
+                    f"gradient of {self.bucket_names[b][k]!r} arrived twice in one backward; "
+                    "ddl.wrap expects one gradient per parameter per backward"
+                )
+            with torch.no_grad():
+                bucket.view(k).copy_(param.grad)
+            bucket.ready[k] = True
+            bucket.n_ready += 1
+            self._n_ready += 1
+            self._launch_in_order()
+            self._deliver(block=False)
+
+    def _start_backward(self) -> None:
+        self._phase = _Phase.BACKWARD
+        for bucket in self._buckets:
+            bucket.reset()
+        self._n_ready = 0
+        self._next_launch = 0
+        self._next_deliver = 0
+        self.launch_points = []
+        torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    def _launch_in_order(self) -> None:
+        while self._next_launch < len(self._buckets):
+            bucket = self._buckets[self._next_launch]
+            if not bucket.complete:
+                return
+            self._launch(bucket)
+            self._next_launch += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        s = _group.current()
+        grp = s.group_for(bucket.buffer.device)
+        nccl = grp is s.world and s.backend == "nccl"
+        used = [k for k in range(len(bucket.params)) if k not in bucket.locally_unused]
+        self.launch_points.append(self._n_ready)
+
+        def run() -> None:
+            buf = bucket.buffer
+            buf.div_(s.world_size)  # NOTE [Bucket lifecycle] rule 4
+            allreduce_flat(buf, "sum", bucket.algorithm, s.rank, s.topology, grp, s.timeout, nccl)
+            with torch.no_grad():
+                for k in used:
+                    bucket.params[k].grad.copy_(bucket.view(k))
+
+        what = f"ddl.wrap bucket {bucket.index} ({bucket.numel} x {bucket.buffer.dtype})"
+        bucket.handle = _group.submit(s, bucket.buffer.device, run, None, what)
+
+    def _check_layout(self, s: _group._State) -> None:
+        sizes = [b.numel for b in self._buckets]
+        layout = [(b.numel, str(b.buffer.dtype), b.algorithm) for b in self._buckets]
+        row = [_group.current_seq(), len(sizes), sum(sizes), zlib.crc32(repr(layout).encode())]
+        check_same_everywhere(
+            s,
+            row,
+            "ddl.wrap",
+            describe=lambda r: f"{r[1]} buckets, {r[2]} gradient elements",
+            advice="every rank must wrap the same model (same parameters, shapes, dtypes, "
+            "bucket_size and algorithm)",
+        )
+
+    def _deliver(self, block: bool) -> None:
+        """Call grad_ready for finished buckets, in order (NOTE [Bucket lifecycle] rule 6)."""
+        while self._next_deliver < self._next_launch:
+            bucket = self._buckets[self._next_deliver]
+            if bucket.locally_unused and not block:
+                return  # needs the used-flags exchange of _finalize first
+            if not block and not bucket.handle.done():
+                return
+            bucket.handle.wait()
+            if bucket.locally_unused:
+                self._write_unused(bucket)
+            if self._grad_ready is not None:
+                self._grad_ready([p for p in bucket.params if p.grad is not None])
+            self._next_deliver += 1
+
+    def _finalize(self) -> None:
+        with self._lock:
+            try:
+                with torch.no_grad():
+                    for bucket in self._buckets[self._next_launch :]:
+                        for k, p in enumerate(bucket.params):
+                            if bucket.ready[k]:
+                                continue
+                            bucket.locally_unused.append(k)
+                            v = bucket.view(k)
+                            v.copy_(p.grad) if p.grad is not None else v.zero_()
+                            bucket.ready[k] = True
+                            bucket.n_ready += 1
+                self._launch_in_order()
+                self._global_used = self._exchange_used_flags()
+                self._deliver(block=True)
+            finally:
+                self._phase = _Phase.IDLE
+
+    def _exchange_used_flags(self) -> torch.Tensor | None:
+        """How many ranks used each parameter; None when every rank used every one."""
+        s = _group.current()
+        flags = torch.ones(len(self._params), dtype=torch.int32)
+        for bucket in self._buckets:
+            for k in bucket.locally_unused:
+                flags[self._index[id(bucket.params[k])]] = 0
+
+        def run() -> None:
+            work = dist.all_reduce(flags, group=s.cpu, async_op=True)
+            work.wait(s.timeout)
+
+        _group.submit(s, torch.device("cpu"), run, None, "ddl.wrap used-parameter flags").wait()
+        return flags
+
+    def _write_unused(self, bucket: _Bucket) -> None:
+        with torch.no_grad():
+            for k in bucket.locally_unused:
+                p = bucket.params[k]
+                if int(self._global_used[self._index[id(p)]]) == 0:
+                    continue  # no rank used it: leave .grad as it was (None stays None)
+                if p.grad is None:
+                    p.grad = bucket.view(k).clone()
+                else:
+                    p.grad.copy_(bucket.view(k))
+
+
+def wrap(
+    model: torch.nn.Module,
+    bucket_size: int | str = "25MiB",
+    algorithm: str = "auto",
+    grad_ready: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    *,
+    first_bucket_size: int | str = "1MiB",
+    broadcast: bool = True,
+) -> GradSync:
+    """Make every ``.grad`` the mean over all ranks when ``backward()`` returns.
+
+    Gradients are bucketed and reduced during backward (see NOTE [Bucket lifecycle]);
+    results equal ``torch.nn.parallel.DistributedDataParallel`` with
+    ``find_unused_parameters=True``. The model itself is not replaced: call it as before.
+
+    Args:
+        model: the module whose parameters to synchronise (all that require grad).
+        bucket_size: bytes per bucket, e.g. ``"25MiB"``.
+        algorithm: allreduce algorithm per bucket (``"auto"`` asks the cost model).
+        grad_ready: called with a bucket's parameters once their reduced gradients are
+            in ``.grad``, in bucket order, during or at the end of backward (the hook
+            point for ``lms`` gradient paging).
+        first_bucket_size: cap of the first bucket, so communication starts early.
+        broadcast: copy rank 0's parameters and buffers to all ranks now.
+
+    Returns:
+        A :class:`GradSync` handle: ``remove()``, context manager, ``no_sync()``.
+
+    Raises:
+        DDLError: before ``ddl.init()``, bad sizes or algorithm, a model without
+            trainable parameters, or ranks wrapping different models (the message
+            lists what each rank has).
+
+    Example:
+        >>> handle = ddl.wrap(model, bucket_size="25MiB")
+        >>> loss_fn(model(x), y).backward()  # grads are now averaged over ranks
+        >>> opt.step()
+    """
+    config = WrapConfig(
+        bucket_size=bucket_size,
+        first_bucket_size=first_bucket_size,
+        algorithm=algorithm,
+        broadcast=broadcast,
+    )
+    return GradSync(model, config, grad_ready)

@@ -1,0 +1,185 @@
+"""The public collectives: ``allreduce`` / ``allreduce_async`` (and ``broadcast`` for wrap).
+
+Each collective is async first (see NOTE [One worker, one order] in ``ddl/group.py``): the
+``*_async`` form returns a :class:`~ddl.group.Handle`; the blocking form is that plus
+``wait()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import group as _group
+from .algorithms import OPS, allreduce_flat, resolve_algorithm
+from .errors import DDLError
+from .interop import SUPPORTED_DTYPES, as_flat_tensor
+from .topology import CHOICES
+
+__all__ = ["allreduce", "allreduce_async", "broadcast_", "check_same_everywhere"]
+
+_MAX_DIMS = 6
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _header(
+    seq: int, t: torch.Tensor, shape: tuple[int, ...], op: str, algorithm: str
+) -> list[int]:
+    dims = list(shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - min(len(shape), _MAX_DIMS))
+    dev = _DEVICE_TYPES.index(t.device.type) if t.device.type in _DEVICE_TYPES else 99
+    return [
+        seq,
+        t.numel(),
+        SUPPORTED_DTYPES.index(t.dtype),
+        OPS.index(op) if op in OPS else 99,
+        CHOICES.index(algorithm) if algorithm in CHOICES else 99,
+        dev,
+        len(shape),
+        *dims,
+    ]
+
+
+def _describe(row: list[int]) -> str:
+    ndim = row[6]
+    dims = row[7 : 7 + min(ndim, _MAX_DIMS)]
+    shape = str(tuple(dims)) if ndim <= _MAX_DIMS else str(tuple(dims))[:-1] + ", ...)"
+    dtype = str(SUPPORTED_DTYPES[row[2]]).replace("torch.", "")
+    op = OPS[row[3]] if row[3] < len(OPS) else "?"
+    alg = CHOICES[row[4]] if row[4] < len(CHOICES) else "?"
+    dev = _DEVICE_TYPES[row[5]] if row[5] < len(_DEVICE_TYPES) else "?"
+    return f"shape {shape} {dtype} on {dev}, op={op!r}, algorithm={alg!r}, collective #{row[0]}"
+
+
+def check_same_everywhere(
+    s: Any,
+    row: list[int],
+    what: str,
+    describe: Callable[[list[int]], str] = _describe,
+    advice: str = "every rank must call the same collectives in the same order with tensors "
+    "of the same shape and dtype and the same op and algorithm",
+) -> None:
+    """All-gather a small integer header on the Gloo group; raise if ranks disagree.
+
+    Runs on the worker. Every rank sees the same table, so all raise together and no
+    data message is left unmatched (NOTE [One worker, one order] rule 5).
+
+    Args:
+        s: the ddl state.
+        row: this rank's header (same length on every rank).
+        what: the operation, for the message.
+        describe: turns a header into words for the message.
+        advice: what the user should do, appended to the message.
+
+    Raises:
+        DDLError: the headers differ; the message groups ranks by what they passed.
+    """
+    mine = torch.tensor(row, dtype=torch.int64)
+    table = [torch.empty_like(mine) for _ in range(s.world_size)]
+    work = dist.all_gather(table, mine, group=s.cpu, async_op=True)
+    work.wait(s.timeout)
+    rows = [t.tolist() for t in table]
+    if all(r == rows[0] for r in rows):
+        return
+    groups: dict[str, list[int]] = {}
+    for rk, r in enumerate(rows):
+        groups.setdefault(describe(r), []).append(rk)
+    detail = "; ".join(f"ranks {v}: {k}" for k, v in groups.items())
+    raise DDLError(f"{what}: ranks disagree ({detail}); {advice}")
+
+
+def allreduce_async(
+    x: Any,
+    op: str = "sum",
+    algorithm: str = "auto",
+    check: bool | None = None,
+    _inline: bool = False,
+) -> _group.Handle:
+    """Start an in-place allreduce of ``x`` across all ranks; return a handle to wait on.
+
+    Args:
+        x: a torch tensor (any device ddl's backend reaches), a NumPy array, or a CuPy
+            array; viewed through DLPack without a copy where possible. Keep it alive and
+            untouched until the handle is waited on.
+        op: ``"sum"`` or ``"mean"`` (``mean`` = sum / world size; floating dtypes only).
+        algorithm: ``"native"``, ``"ring"``, ``"multiring"``, ``"hierarchical"`` or
+            ``"auto"`` (asks ``ddl.costmodel.choose_algorithm``).
+        check: verify first that every rank passes the same shape/dtype/op/algorithm;
+            default: ``ddl.init(check=...)`` (True).
+
+    Returns:
+        A :class:`~ddl.group.Handle`; ``wait()`` returns ``x`` holding the result.
+
+    Raises:
+        DDLError: before ``init``; bad type, dtype, op or algorithm; an algorithm that does
+            not fit the topology. Mismatches across ranks and timeouts surface from
+            ``wait()``.
+
+    Example:
+        >>> h = ddl.allreduce_async(grad, op="mean", algorithm="ring")
+        >>> grad = h.wait()
+    """
+    s = _group.current()
+    what = f"ddl.allreduce(op={op!r}, algorithm={algorithm!r})"
+    if op not in OPS:
+        raise DDLError(f"{what}: unknown op {op!r}; use one of {', '.join(OPS)}")
+    flat, finish = as_flat_tensor(x, "ddl.allreduce")
+    if op == "mean" and not flat.is_floating_point():
+        raise DDLError(f"{what}: op='mean' needs a floating dtype, got {flat.dtype}; use op='sum'")
+    shape = tuple(x.shape) if hasattr(x, "shape") else (flat.numel(),)
+    group = s.group_for(flat.device)
+    if group is s.world and flat.device.type != s.device.type:
+        raise DDLError(
+            f"{what}: tensor is on {flat.device}, but the {s.backend} job reduces "
+            f"{s.device.type} tensors; move it to {s.device} (or to the CPU, which uses Gloo)"
+        )
+    concrete = resolve_algorithm(algorithm, flat.numel() * flat.element_size(), s.topology)
+    do_check = s.check if check is None else bool(check)
+    nccl = group is s.world and s.backend == "nccl"
+
+    def run() -> None:
+        if do_check:
+            check_same_everywhere(
+                s, _header(_group.current_seq(), flat, shape, op, algorithm), what
+            )
+        allreduce_flat(flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl)
+        if finish is not None:
+            finish()
+
+    return _group.submit(s, flat.device, run, x, what, inline=_inline)
+
+
+def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", check: bool | None = None) -> Any:
+    """Allreduce ``x`` in place across all ranks and return it (blocking form).
+
+    Same arguments as :func:`allreduce_async`; equals ``allreduce_async(...).wait()``.
+
+    Example:
+        >>> import ddl, numpy as np
+        >>> ddl.init()
+        >>> a = np.full(4, ddl.rank(), dtype=np.float32)
+        >>> ddl.allreduce(a, op="mean")  # every rank now holds the mean rank
+    """
+    return allreduce_async(x, op=op, algorithm=algorithm, check=check, _inline=True).wait()
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Broadcast tensors in place from ``src`` on ddl's groups (blocking, for ``wrap``)."""
+    s = _group.current()
+    if not tensors:
+        return
+    dev = tensors[0].device
+
+    def run() -> None:
+        for t in tensors:
+            g = s.group_for(t.device)
+            flat = t.detach()
+            work = dist.broadcast(flat, src, group=g, async_op=True)
+            if g is s.world and s.backend == "nccl":
+                work.wait()
+            else:
+                work.wait(s.timeout)
+
+    _group.submit(s, dev, run, None, "ddl.wrap broadcast of parameters", inline=True).wait()

@@ -1,0 +1,95 @@
+"""Framework independence: torch tensors, NumPy arrays and CuPy arrays as one flat tensor.
+
+NumPy arrays become torch tensors through ``torch.from_numpy`` and anything else that
+speaks DLPack (CuPy, JAX, ...) through ``torch.from_dlpack``; both share memory, so the
+reduction writes straight into the caller's array. A copy is made only when the memory
+cannot be viewed as one contiguous run (non-contiguous or negatively strided arrays); the
+result is then copied back, so in-place semantics hold either way. CuPy is never imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DDLError
+
+__all__ = ["SUPPORTED_DTYPES", "as_flat_tensor"]
+
+# Dtypes every algorithm reduces (sum); "mean" additionally needs a floating dtype.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+)
+
+
+def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    if isinstance(x, torch.Tensor):
+        return x.detach(), None  # same storage; in-place writes bypass autograd on purpose
+    if isinstance(x, np.ndarray):
+        if not x.flags.writeable:
+            raise DDLError(
+                f"{what}: the NumPy array is read-only; pass a writable array (x.copy())"
+            )
+        if any(s < 0 for s in x.strides):
+            # torch cannot view negative strides: reduce a copy and write it back after.
+            copy = np.ascontiguousarray(x)
+            return _from_numpy(copy, what), lambda: np.copyto(x, copy)
+        return _from_numpy(x, what), None
+    if hasattr(x, "__dlpack__"):
+        try:
+            return torch.from_dlpack(x), None
+        except Exception as e:
+            raise DDLError(f"{what}: could not view {type(x).__name__} through DLPack ({e})") from e
+    raise DDLError(
+        f"{what} got a {type(x).__name__}; pass a torch.Tensor, a NumPy array or a CuPy "
+        "array (anything with __dlpack__)"
+    )
+
+
+def _from_numpy(a: np.ndarray, what: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(a)
+    except TypeError as e:
+        raise DDLError(f"{what}: NumPy dtype {a.dtype} has no torch equivalent ({e})") from e
+
+
+def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """A contiguous 1-D tensor over ``x``'s data, and how to write results back (or None).
+
+    Args:
+        x: a torch tensor, NumPy array or DLPack-capable array (CuPy).
+        what: the caller's name for error messages, e.g. ``"ddl.allreduce"``.
+
+    Returns:
+        ``(flat, finish)``: ``flat`` shares memory with ``x`` when possible; otherwise it is
+        a copy and ``finish()`` must run after the reduction to copy the result into ``x``.
+
+    Raises:
+        DDLError: unsupported type or dtype, or a read-only array.
+
+    Example:
+        >>> a = np.arange(6.0).reshape(2, 3)
+        >>> flat, finish = as_flat_tensor(a, "demo")
+        >>> flat.mul_(2); finish is None, a[1, 2]
+        (True, 10.0)
+    """
+    t, finish = _to_torch(x, what)
+    if t.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise DDLError(f"{what}: dtype {t.dtype} is not supported; use one of {names}")
+    if finish is not None:
+        return t.view(-1), finish
+    if t.is_contiguous():
+        return t.view(-1), None
+    flat = t.contiguous().view(-1)
+    return flat, lambda: t.copy_(flat.view_as(t))

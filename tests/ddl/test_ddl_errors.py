@@ -1,0 +1,118 @@
+"""Bad input gets a DDLError that says what to do, never a hang or a corrupted state."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from ddl_harness import run_ranks
+
+import ddl
+
+
+def test_collectives_before_init(monkeypatch):
+    assert not ddl.is_initialized()
+    with pytest.raises(ddl.DDLError, match=r"call ddl\.init\(\) first"):
+        ddl.allreduce(torch.ones(2))
+    with pytest.raises(ddl.DDLError, match="not initialised"):
+        ddl.wrap(torch.nn.Linear(2, 2))
+    with pytest.raises(ddl.DDLError, match="not initialised"):
+        ddl.rank()
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ddl.DDLError, match="torchrun"):
+        ddl.init()
+    assert not ddl.is_initialized()
+    ddl.shutdown()  # harmless when not initialised
+
+
+def _misuse():
+    """Every misuse raises on every rank, and the state stays usable afterwards."""
+    r = ddl.rank()
+    caught = {}
+
+    def expect(name, fn):
+        try:
+            fn()
+        except ddl.DDLError as e:
+            caught[name] = str(e)
+        else:
+            caught[name] = None
+
+    # Different shapes / dtypes across ranks: found by the header check, no hang.
+    expect("shape", lambda: ddl.allreduce(torch.ones(4 + (r == 1)), algorithm="ring"))
+    dtype = torch.float64 if r == 2 else torch.float32
+    expect("dtype", lambda: ddl.allreduce(torch.ones(4, dtype=dtype)))
+    expect(
+        "algorithm_differs",
+        lambda: ddl.allreduce(torch.ones(3), algorithm=["ring", "native"][r % 2]),
+    )
+    # Local size 2 does not divide world size 3: hierarchical does not fit.
+    expect("topology", lambda: ddl.allreduce(torch.ones(3), algorithm="hierarchical"))
+    expect("op", lambda: ddl.allreduce(torch.ones(3), op="max"))
+    expect("mean_int", lambda: ddl.allreduce(torch.ones(3, dtype=torch.int64), op="mean"))
+    expect("type", lambda: ddl.allreduce([1.0, 2.0]))
+    ro = np.ones(3)
+    ro.flags.writeable = False
+    expect("readonly", lambda: ddl.allreduce(ro))
+    expect("bool", lambda: ddl.allreduce(torch.ones(2, dtype=torch.bool)))
+    expect("wrap_size", lambda: ddl.wrap(torch.nn.Linear(2, 2), bucket_size="-3MiB"))
+    expect("wrap_empty", lambda: ddl.wrap(torch.nn.Linear(2, 2).requires_grad_(False)))
+    # Different models on different ranks: caught by wrap, before its broadcast.
+    expect("wrap_layout", lambda: ddl.wrap(torch.nn.Linear(2, 2 + (r == 0))))
+    # Still healthy: a normal collective gives the right answer.
+    t = torch.full((5,), float(r))
+    ddl.allreduce(t, op="sum", algorithm="ring")
+    return caught, t.tolist()
+
+
+def test_misuse_raises_everywhere_and_leaves_state_usable():
+    results = run_ranks(_misuse, 3, local_size=2, ddl_timeout=20)
+    for caught, after in results:
+        assert after == [3.0] * 5
+        msgs = {k: v for k, v in caught.items()}
+        assert all(v is not None for v in msgs.values()), msgs
+        assert (
+            "ranks [0, 2]: shape (4,)" in msgs["shape"] and "ranks [1]: shape (5,)" in msgs["shape"]
+        )
+        assert "float64" in msgs["dtype"] and "float32" in msgs["dtype"]
+        assert "algorithm='ring'" in msgs["algorithm_differs"]
+        assert "does not divide world_size 3" in msgs["topology"]
+        assert "unknown op 'max'" in msgs["op"]
+        assert "use op='sum'" in msgs["mean_int"]
+        assert "pass a torch.Tensor" in msgs["type"]
+        assert "read-only" in msgs["readonly"]
+        assert "not supported" in msgs["bool"]
+        assert "bucket_size" in msgs["wrap_size"]
+        assert "no parameters" in msgs["wrap_empty"]
+        assert "same model" in msgs["wrap_layout"]
+
+
+def _dies_or_stalls(mode):
+    if ddl.rank() == 2:
+        if mode == "dies":
+            os._exit(3)  # a crashed rank
+        threading.Event().wait(6)  # a stalled rank: busy elsewhere past the timeout
+    try:
+        ddl.allreduce(torch.ones(1000), algorithm="ring")
+    except ddl.DDLError as e:
+        first = str(e)
+    else:
+        return "no error", None
+    try:
+        ddl.allreduce(torch.ones(3))
+    except ddl.DDLError as e:
+        return first, str(e)
+    return first, "no error"
+
+
+@pytest.mark.parametrize("mode", ["dies", "stalls"])
+def test_dead_or_stalled_rank_is_named(mode):
+    results = run_ranks(_dies_or_stalls, 3, mode, ddl_timeout=3, may_exit=(2,), deadline_s=90)
+    for first, second in results[:2]:
+        assert "ranks [2] did not arrive" in first, first
+        assert "ddl.allreduce" in first and "collective #" in first
+        assert "earlier collective failed" in second, second
