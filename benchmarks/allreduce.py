@@ -9,8 +9,10 @@ Run without torchrun it relaunches itself under ``torch.distributed.run --standa
 with ``--nproc`` ranks (default 2), so ``python benchmarks/allreduce.py --quick`` works.
 
 Reported per size and algorithm (nccl-tests definitions): time = the slowest rank's mean
-time of one blocking ``ddl.allreduce(x, op="sum")``; algbw = bytes / time; busbw = algbw x
-2(n-1)/n; "vs native" = native time / this time (>1 is faster). Each algorithm's result is
+time of one blocking ``ddl.allreduce(x, op="sum")``, median over --repeats rounds in which
+the algorithms take turns; algbw = bytes / time; busbw = algbw x 2(n-1)/n; "vs native" =
+native time / this time (>1 is faster). Timing skips ddl's per-call shape check
+(``check=False``) for every algorithm alike. Each algorithm's result is
 also checked once against native on random data (max abs error printed). Rank 0 prints
 the command, device, date and table, and writes JSON (or CSV when --out ends in .csv).
 """
@@ -25,6 +27,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=int, default=4, help="step of a LO..HI range (default 4)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per point (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds in which the algorithms take turns; the median is reported (default 3)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
         "--backend",
@@ -96,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seconds",
         type=float,
         default=None,
-        help="per point: cut iterations so one point takes about this long (large sizes)",
+        help="per size: cut --iters so all algorithms and repeats together take about this "
+        "long (useful for large sizes on slow links)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="sizes 4KiB..4MiB, 5 iterations, 2 warm-up: a smoke run in well under 90 s",
+        help="sizes 4KiB..4MiB, 5 iterations, 2 warm-up, 2 repeats: a smoke run in well under 90 s",
     )
     p.add_argument("--nproc", type=int, default=2, help="ranks when not launched by torchrun")
     p.add_argument(
@@ -148,7 +158,7 @@ def main() -> int:
     if "RANK" not in os.environ:
         return relaunch(args)
     if args.quick:
-        args.sizes, args.iters, args.warmup = "4KiB..4MiB", 5, 2
+        args.sizes, args.iters, args.warmup, args.repeats = "4KiB..4MiB", 5, 2, 2
     algorithms = []
     for a in args.algorithms:
         algorithms += [x for x in a.split(",") if x]
@@ -202,65 +212,71 @@ def main() -> int:
         head = f"{'size':>8} {'algorithm':>13} {'time_us':>11} {'algbw_GB/s':>11}"
         print(head + f" {'busbw_GB/s':>11} {'vs_native':>9} {'max_err':>9}")
 
+    def timed(alg: str, x, iters: int) -> float:
+        """Slowest rank's mean seconds per blocking allreduce over ``iters`` calls."""
+        dist.barrier()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            ddl.allreduce(x, algorithm=alg, check=False)
+        sync()
+        elapsed = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        return elapsed.item()
+
     rows = []
     for nbytes in sizes:
         numel = max(1, nbytes // esize)
-        base_time = None
-        for alg in algorithms:
-            if alg == "hierarchical" and not topo.uniform:
-                continue
-            chosen = alg
+        nb = numel * esize
+        algs = [a for a in algorithms if a != "hierarchical" or topo.uniform]
+        names, errors = {}, {}
+        x = torch.zeros(numel, dtype=dtype, device=device)
+        for alg in algs:
+            names[alg] = alg
             if alg == "auto":
-                chosen = "auto->" + ddl.algorithms.resolve_algorithm("auto", numel * esize, topo)
+                names[alg] = "auto->" + ddl.algorithms.resolve_algorithm("auto", nb, topo)
             # Correctness once, against native on random data.
             g = torch.Generator().manual_seed(rank * 7919 + numel)
             ref = torch.randn(numel, generator=g).to(dtype).to(device)
             got = ref.clone()
             ddl.allreduce(ref, algorithm="native", check=False)
             ddl.allreduce(got, algorithm=alg, check=False)
-            max_err = float((got.float() - ref.float()).abs().max())
-            x = torch.zeros(numel, dtype=dtype, device=device)
+            errors[alg] = float((got.float() - ref.float()).abs().max())
             for _ in range(args.warmup):
                 ddl.allreduce(x, algorithm=alg, check=False)
-            iters = args.iters
-            if args.max_seconds is not None:
-                sync()
-                t0 = time.perf_counter()
-                ddl.allreduce(x, algorithm=alg, check=False)
-                sync()
-                probe = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(probe, op=dist.ReduceOp.MAX)
-                iters = max(1, min(iters, int(args.max_seconds / max(probe.item(), 1e-9))))
-            dist.barrier()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                ddl.allreduce(x, algorithm=alg, check=False)
-            sync()
-            elapsed = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            t = elapsed.item()
-            if alg == "native":
-                base_time = t
-            nb = numel * esize
+        iters = args.iters
+        if args.max_seconds is not None:
+            probe = max(timed(a, x, 1) for a in algs)
+            budget = args.max_seconds / (len(algs) * args.repeats)
+            iters = max(1, min(iters, int(budget / max(probe, 1e-9))))
+        # Algorithms take turns, repeats times; the median damps a noisy machine.
+        samples: dict[str, list[float]] = {a: [] for a in algs}
+        for _ in range(args.repeats):
+            for alg in algs:
+                samples[alg].append(timed(alg, x, iters))
+        base_time = statistics.median(samples["native"])
+        for alg in algs:
+            t = statistics.median(samples[alg])
             algbw = nb / t / 1e9
             busbw = algbw * 2 * (world - 1) / world
             row = dict(
                 bytes=nb,
                 size=human(nb),
-                algorithm=chosen,
+                algorithm=names[alg],
                 time_us=t * 1e6,
                 algbw_GBps=algbw,
                 busbw_GBps=busbw,
-                vs_native=base_time / t if base_time else None,
-                max_err=max_err,
+                vs_native=base_time / t,
+                max_err=errors[alg],
                 iters=iters,
+                repeats=args.repeats,
+                time_us_all=[v * 1e6 for v in samples[alg]],
             )
             rows.append(row)
             if rank == 0:
                 print(
-                    f"{row['size']:>8} {chosen:>13} {t * 1e6:>11.1f} {algbw:>11.3f} "
-                    f"{busbw:>11.3f} {row['vs_native']:>9.2f} {max_err:>9.2g}",
+                    f"{row['size']:>8} {names[alg]:>13} {t * 1e6:>11.1f} {algbw:>11.3f} "
+                    f"{busbw:>11.3f} {row['vs_native']:>9.2f} {errors[alg]:>9.2g}",
                     flush=True,
                 )
 
@@ -282,14 +298,16 @@ def main() -> int:
             dtype=args.dtype,
             iters=args.iters,
             warmup=args.warmup,
+            repeats=args.repeats,
             busbw_definition="algbw * 2(n-1)/n (nccl-tests)",
         )
         if out.endswith(".csv"):
             with open(out, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+                extra = [k for k in meta if k not in rows[0]]  # per-row values win
+                w = csv.DictWriter(f, fieldnames=list(rows[0]) + extra)
                 w.writeheader()
                 for r in rows:
-                    w.writerow({**r, **meta})
+                    w.writerow({**{k: meta[k] for k in extra}, **r})
         else:
             with open(out, "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)
@@ -300,10 +318,8 @@ def main() -> int:
                 key=lambda r: r["busbw_GBps"],
             )
             print(
-                print(
-                    f"summary {best['size']:>8}: best {best['algorithm']} busbw "
-                    f"{best['busbw_GBps']:.3f} GB/s ({best['vs_native']:.2f}x native)"
-                )
+                f"summary {best['size']:>8}: best {best['algorithm']} busbw "
+                f"{best['busbw_GBps']:.3f} GB/s ({best['vs_native']:.2f}x native)"
             )
     ddl.shutdown()
     dist.destroy_process_group()
