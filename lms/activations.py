@@ -228,7 +228,9 @@ class ActivationSwapper:
             entry.refs = 1
             packed = _Packed(self, entry, t)  # if anything below raises, this frees it
             self._index[ptr] = entry
-            self._largest = max(self._largest, nbytes)
+            if nbytes > self._largest:
+                self._largest = nbytes
+                self.budget.note_tensor(nbytes)
             self._admit(entry)
             return packed
 

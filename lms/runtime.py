@@ -23,6 +23,13 @@
 #    already copying out. A pager that must send a new tensor straight out
 #    charges it with ``charge(n, leaving=True)``, so it never counts as kept.
 #    (The allocator's peak, which does see copies in flight, is in Stats too.)
+# 5. Where the allocator is measured, it also sees temporaries LMS cannot move:
+#    the activation being computed, a gradient in backward. ``reserve`` keeps
+#    that much of the limit free for them: decisions aim at ``limit - reserve``.
+#    The activation swapper sets it to the largest tensor it has seen
+#    (``note_tensor``), which is how the allocator's peak stays within about one
+#    largest tensor of the limit. Without a measure (the CPU) it stays 0, so LMS's
+#    own accounting obeys the limit exactly.
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class MemoryBudget:
         self.measure = measure
         self.resident_bytes = 0
         self.leaving_bytes = 0
+        self.reserve = 0  # Rule 5
         self._lock = threading.Lock()
 
     def charge(self, nbytes: int, leaving: bool = False) -> None:
@@ -121,6 +129,11 @@ class MemoryBudget:
                 self.leaving_bytes -= nbytes
             self.stats.resident_bytes = self.resident_bytes
 
+    def note_tensor(self, nbytes: int) -> None:
+        """A tensor of ``nbytes`` exists on the device: grow the reserve to it (Rule 5)."""
+        if self.measure is not None and nbytes > self.reserve:
+            self.reserve = nbytes
+
     def used_bytes(self) -> int:
         """Device bytes counted against the limit now (Rule 3), minus leaving bytes."""
         used = self.resident_bytes if self.measure is None else self.measure()
@@ -135,7 +148,7 @@ class MemoryBudget:
         """
         if allocated and self.measure is not None:
             extra = 0
-        return self.used_bytes() + extra - self.limit
+        return self.used_bytes() + extra - (self.limit - self.reserve)
 
     def over_limit(self, extra: int = 0, allocated: bool = False) -> bool:
         """Whether ``extra`` more bytes would put the device over the limit."""

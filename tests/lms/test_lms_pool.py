@@ -70,3 +70,17 @@ def test_budget_accounting():
     budget.stay(10)  # turned out to be needed: kept after all
     assert budget.resident_bytes == 40 and stats.resident_bytes == 40
     assert budget.excess(5, allocated=True) == -55  # no measure: LMS's own accounting
+
+
+def test_measured_budget_keeps_a_reserve_for_temporaries():
+    allocated = [500]
+    budget = MemoryBudget(limit=1000, stats=Stats(), measure=lambda: allocated[0])
+    assert budget.excess() == -500
+    budget.note_tensor(200)  # the largest tensor seen: kept free for temporaries
+    assert budget.excess() == -300 and budget.headroom() == 300
+    budget.note_tensor(100)  # smaller: no change
+    assert budget.reserve == 200
+    assert budget.excess(50, allocated=True) == -300  # already counted by the allocator
+    unmeasured = MemoryBudget(limit=1000, stats=Stats())
+    unmeasured.note_tensor(200)  # LMS's own accounting: the limit is exact
+    assert unmeasured.reserve == 0 and unmeasured.excess() == -1000
