@@ -305,16 +305,24 @@ class WeightPaging:
                 )
         self._check_host_memory(named)
         created: list[PagedParam] = []
+        block = None
         try:
             for name, p in named:
                 block = self.rt.pool.acquire(p.numel() * p.element_size())
+                # Allocated once here and resized to 0 below; afterwards its storage
+                # only holds memory between a fetch and a release.
                 shell = torch.empty(p.shape, dtype=p.dtype, device=device)
                 pp = PagedParam(name, p, block, shell)
+                block = None
+                pp.storage().resize_(0)
                 created.append(pp)
                 if p.requires_grad:
                     pp.acc_block = self.rt.pool.acquire(pp.nbytes)
                     pp.acc = _typed_view(pp.acc_block, p)
-        except LMSError:
+        except BaseException:
+            # Nothing was changed on the model yet: give the host memory back.
+            if block is not None:
+                self.rt.pool.release(block)
             for pp in created:
                 self._free_blocks(pp)
             raise
@@ -325,7 +333,6 @@ class WeightPaging:
                 if p.grad is not None:
                     pp.acc.copy_(p.grad)
                     pp.acc_valid = True
-                pp.storage().resize_(0)
                 self._storage_ptrs.add(pp.storage()._cdata)
                 p.grad = None
                 p.data = pp.master
@@ -365,20 +372,8 @@ class WeightPaging:
                 for p in module._parameters.values()
                 if p is not None and id(p) in self._by_param
             ]
-            if not mine:
-                continue
-            idx = len(self._module_params)
-            self._module_ids[id(module)] = idx
-            self._module_params.append(mine)
-            self._module_names.append(mname)
-            h.append(module.register_forward_pre_hook(functools.partial(self._mod_pre, idx)))
-            h.append(
-                module.register_forward_hook(
-                    functools.partial(self._mod_post, idx), always_call=True
-                )
-            )
-            h.append(module._register_state_dict_hook(self._state_dict_hook))
-            h.append(module._register_load_state_dict_pre_hook(self._load_pre_hook))
+            if mine:
+                self._hook_module(mname, module, mine)
         # After the modules' post-hooks, so that it sees whether they built a graph.
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for pp in self.paged:
@@ -386,7 +381,54 @@ class WeightPaging:
                 h.append(pp.param.register_post_accumulate_grad_hook(self._grad_hook))
         h.append(register_optimizer_step_pre_hook(self._optimizer_pre))
 
+    def _hook_module(self, mname: str, module: nn.Module, mine: list[PagedParam]) -> int:
+        idx = len(self._module_params)
+        self._module_ids[id(module)] = idx
+        self._module_params.append(mine)
+        self._module_names.append(mname)
+        h = self._handles
+        h.append(module.register_forward_pre_hook(functools.partial(self._mod_pre, idx)))
+        # The model's own post-hook must run before _root_post, which reads its effect.
+        post = functools.partial(self._mod_post, idx)
+        h.append(module.register_forward_hook(post, always_call=True, prepend=module is self.model))
+        h.append(module._register_state_dict_hook(self._state_dict_hook))
+        h.append(module._register_load_state_dict_pre_hook(self._load_pre_hook))
+        return idx
+
     # -- public surface ----------------------------------------------------
+
+    def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
+        """Declare that ``module``'s forward uses ``param``, which another module owns.
+
+        A paged parameter is resident only while a module that owns it runs (Rule 3).
+        Code such as ``x @ self.wte.weight.T`` in a parent's forward reads it outside
+        its owner and fails loudly (PyTorch: "data is not allocated", or "out of bounds
+        for storage of size 0"), never silently; declaring it here makes
+        ``module`` fetch it too (DeepSpeed ZeRO-3 has the same call).
+
+        Args:
+            module: a submodule of the model (or the model) whose forward reads ``param``.
+            param: a parameter of the model.
+
+        Raises:
+            LMSError: if ``module`` is not part of the model.
+
+        Example:
+            >>> pager = handle.weights  # doctest: +SKIP
+            >>> pager.register_external_parameter(model, model.wte.weight)  # doctest: +SKIP
+        """
+        with self.rt.lock:
+            if not any(m is module for m in self.model.modules()):
+                raise LMSError("register_external_parameter: module is not part of the model")
+            pp = self._by_param.get(id(param))
+            if pp is None:
+                return  # resident anyway
+            idx = self._module_ids.get(id(module))
+            if idx is None:
+                name = next(n for n, m in self.model.named_modules() if m is module)
+                self._hook_module(name, module, [pp])
+            elif pp not in self._module_params[idx]:
+                self._module_params[idx].append(pp)
 
     def defer_grad_offload(self) -> Callable[[Iterable[torch.Tensor]], None]:
         """Leave gradients on the device until a reducer says they are final (Rule 8).
@@ -613,6 +655,9 @@ class WeightPaging:
     def _mod_pre(self, idx: int, module: nn.Module, args: Any) -> None:
         with self.rt.lock:
             self._enter_device()
+            if len(self.tracker.recording) > 64 * len(self._module_params):
+                # Many grad-enabled forwards and no backward: keep the trace bounded.
+                self.tracker.finish_step()
             pos = self.tracker.see(idx)
             for pp in self._module_params[idx]:
                 pp.fwd_users += 1
@@ -623,15 +668,16 @@ class WeightPaging:
         with self.rt.lock:
             params = self._module_params[idx]
             trainable = any(pp.param.requires_grad for pp in params)
-            graph = torch.is_grad_enabled() and trainable
             hooked = False
-            if graph:
-                self._graph_pending = True
+            if torch.is_grad_enabled():
+                # Also for frozen parameters: backward needs them for the input's grad.
                 for t in tree_leaves(output):
                     if isinstance(t, torch.Tensor) and t.requires_grad:
                         hook = functools.partial(self._pre_backward, idx)
                         self._out_hooks.append(t.register_hook(hook))
                         hooked = True
+            keep = torch.is_grad_enabled() and trainable and not hooked
+            self._graph_pending = self._graph_pending or hooked or keep
             if _autocast_on(self.rt.device.type):
                 # Autocast caches the low-precision cast of every leaf parameter until
                 # the region ends, which would keep a copy of every paged weight on the
@@ -641,7 +687,7 @@ class WeightPaging:
                 torch.clear_autocast_cache()
             for pp in params:
                 pp.fwd_users = max(0, pp.fwd_users - 1)
-                if graph and not hooked:
+                if keep:
                     self._kept.add(pp)  # Rule 3: no way to learn when backward needs it
                     pp.held = True
                 elif pp.fwd_users == 0 and not pp.held:
@@ -771,6 +817,9 @@ class WeightPaging:
             self._enter_host()
             self._kept.clear()
             self._graph_pending = False
+            for handle in self._out_hooks:
+                handle.remove()
+            self._out_hooks.clear()
             for group in opt.param_groups:
                 if group.get("capturable") and any(
                     id(p) in self._by_param for p in group["params"]

@@ -435,3 +435,64 @@ def test_enable_auto_leaves_weights_alone_when_they_fit():
     _, paged = pair()
     with lms.enable(paged, limit="1GiB", weights="auto") as handle:
         assert handle.weights is None
+
+
+class FrozenMiddle(nn.Module):
+    """A frozen layer between trainable ones: backward still needs its weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.frozen = nn.Linear(64, 64)
+        self.frozen.requires_grad_(False)
+        self.b = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.b(torch.tanh(self.frozen(torch.tanh(self.a(x))))), y)
+
+
+class External(nn.Module):
+    """Reads a child's weight directly in its own forward (outside the child's hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 64)
+        self.mid = nn.Linear(64, 64)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.mid(self.emb(x)))
+        return F.cross_entropy(h @ self.emb.weight.T, y)
+
+
+def test_frozen_layer_in_the_middle_and_external_parameters():
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    base = FrozenMiddle()
+    paged = copy.deepcopy(base)
+    h = attach_weight_paging(paged, runtime(limit=0, min_size="1KiB"))
+    data = [
+        (torch.randn(8, 64, generator=g), torch.randint(4, (8,), generator=g)) for _ in range(3)
+    ]
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    lb = train(base, torch.optim.AdamW(params(base), lr=1e-2), data)
+    lp = train(paged, torch.optim.AdamW(params(paged), lr=1e-2), data)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    h.remove()
+
+    torch.manual_seed(0)
+    base = External()
+    paged = copy.deepcopy(base)
+    h = attach_weight_paging(paged, runtime(limit=0, min_size="1KiB"))
+    x, y = torch.randint(64, (8,), generator=g), torch.randint(64, (8,), generator=g)
+    with pytest.raises(RuntimeError, match="not allocated|storage of size 0"):
+        paged(x, y)  # loud, never silently wrong
+    h.register_external_parameter(paged, paged.emb.weight)
+    data = [(x, y)] * 2
+    lb = train(base, torch.optim.SGD(base.parameters(), lr=0.1), data)
+    lp = train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), data)
+    assert all(torch.equal(a, b) for a, b in zip(lb, lp))
+    assert_same_params(base, paged)
+    with pytest.raises(LMSError, match="not part of the model"):
+        h.register_external_parameter(nn.Linear(2, 2), paged.emb.weight)
+    h.remove()
