@@ -43,8 +43,15 @@ Example:
 #      2(m-1)/m n bytes each way, against 2(p-1)/p n for the flat ring (which crosses the NIC once
 #      per step with n/p bytes for 2(p-1) steps): the same for many nodes (both about 2n), 1.5x
 #      fewer for 2 nodes x 2 ranks. What hierarchical saves at scale is latency: 2(g-1) + 2(m-1)
-#      steps instead of 2(mg-1). Its intra-node phases run before and after the inter-node one,
-#      not overlapped.
+#      steps instead of 2(mg-1).
+#   7. ddl pipelines "hierarchical": the tensor is cut into P pieces (n // piece_bytes, at least
+#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 8) and piece k's intra-node
+#      reduce-scatter runs while piece k-1 crosses nodes. Each piece pays every latency step.
+#      With T_l and T_x the intra-node and inter-node work of all pieces, and t_rs, t_x, t_ag one
+#      piece's phases, the two kinds of link are each busy for their own work, and the inter link
+#      waits for the first piece's reduce-scatter and is followed by the last piece's all-gather:
+#      time = max(t_rs + T_x + t_ag, T_l + t_x). With P = 1 this is the unpipelined sum; with one
+#      node or one rank per node it is the plain ring.
 #   5. "native" is modelled as the backend's ring (Gloo's default allreduce and NCCL's ring are
 #      both rings of rank order) without ddl's per-step dispatch overhead. Algorithms that ddl
 #      drives from Python (ring, multiring, hierarchical) pay ``dispatch_overhead`` per step and
@@ -75,6 +82,7 @@ __all__ = [
     "IterationEstimate",
     "allreduce_cost",
     "allreduce_time",
+    "hierarchical_pieces",
     "feasible_algorithms",
     "default_cluster",
     "choose_algorithm",
@@ -129,6 +137,8 @@ class Cluster:
         multiring_rings: how many rings ``"multiring"`` runs at once.
         pair_duplex: whether ddl's point-to-point steps move data both ways between two ranks
             at once (NOTE Rule 6); False for Gloo on one process group, as measured.
+        pipeline_piece_bytes: ``"hierarchical"`` cuts a tensor into pieces of this size ...
+        pipeline_max_pieces: ... but at most this many, and pipelines them (NOTE Rule 7).
         intra_duplex: whether the two directions of an intra-node link are independent lanes of
             ``intra_bandwidth`` each (NVLink, PCIe: True; TCP over loopback, where both directions
             are copies made by the same CPUs: False).
@@ -154,9 +164,18 @@ class Cluster:
     multiring_rings: int = 2
     intra_duplex: bool = False  # loopback: both directions are CPU copies
     pair_duplex: bool = True  # see NOTE Rule 6
+    pipeline_piece_bytes: int = 4 << 20  # ddl/algorithms.py _PIECE_BYTES
+    pipeline_max_pieces: int = 8  # ddl/algorithms.py _MAX_PIECES; 1 = not pipelined
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node", "nics_per_node", "multiring_rings"):
+        for name in (
+            "nodes",
+            "gpus_per_node",
+            "nics_per_node",
+            "multiring_rings",
+            "pipeline_piece_bytes",
+            "pipeline_max_pieces",
+        ):
             _check_positive(name, getattr(self, name), integer=True)
         for name in ("intra_bandwidth", "inter_bandwidth", "reduce_bandwidth"):
             _check_positive(name, getattr(self, name))
@@ -228,28 +247,57 @@ def _flat_ring(nbytes: int, c: Cluster, *, rings: int, overhead: float, p2p: boo
     )
 
 
-def _hierarchical(nbytes: int, c: Cluster) -> Cost:
-    """Reduce-scatter in the node, g inter-node rings sharing the NICs, all-gather (Rule 4)."""
+def _hierarchical_phases(n: float, c: Cluster) -> tuple[Cost, Cost, Cost]:
+    """One unpipelined pass over ``n`` bytes: (reduce-scatter, inter-node, all-gather), Rule 4."""
     g, m = c.gpus_per_node, c.nodes
-    if g * m == 1 or nbytes == 0:
-        return Cost(0.0, 0.0, 0.0)
     o = c.dispatch_overhead
-    # Intra-node reduce-scatter and all-gather: (g-1) steps each, n/g bytes per step.
-    intra_steps = 2 * (g - 1)
     # Rule 6: in a ring of two members both send to each other over the one pair.
     intra_pair = 2 if g == 2 and not c.pair_duplex else 1
     inter_pair = 2 if m == 2 and not c.pair_duplex else 1
-    latency = intra_steps * (c.intra_latency + o)
-    transfer = intra_steps * intra_pair * (nbytes / g) / c.intra_bandwidth
-    reduction = (g - 1) / g * nbytes / c.reduce_bandwidth
+    # Intra-node reduce-scatter and all-gather: (g-1) steps each, n/g bytes per step.
+    half_latency = (g - 1) * (c.intra_latency + o)
+    half_transfer = (g - 1) * intra_pair * (n / g) / c.intra_bandwidth
+    rs = Cost(half_latency, half_transfer, (g - 1) / g * n / c.reduce_bandwidth)
+    ag = Cost(half_latency, half_transfer, 0.0)
     # Inter-node: g rings of m nodes over n/g bytes each; per step the node sends n/m bytes in
     # total over min(g, nics) NICs.
-    inter_steps = 2 * (m - 1)
+    steps = 2 * (m - 1)
     lanes = min(g, c.nics_per_node)
-    latency += inter_steps * (c.inter_latency + o)
-    transfer += inter_steps * inter_pair * (nbytes / m) / (lanes * c.inter_bandwidth)
-    reduction += (m - 1) / m * (nbytes / g) / c.reduce_bandwidth
-    return Cost(latency, transfer, reduction)
+    x = Cost(
+        steps * (c.inter_latency + o),
+        steps * inter_pair * (n / m) / (lanes * c.inter_bandwidth),
+        (m - 1) / m * (n / g) / c.reduce_bandwidth,
+    )
+    return rs, x, ag
+
+
+def hierarchical_pieces(nbytes: int, cluster: Cluster) -> int:
+    """How many pipelined pieces ddl's "hierarchical" cuts ``nbytes`` into (Rule 7).
+
+    Example:
+        >>> hierarchical_pieces(64 << 20, Cluster())
+        8
+    """
+    return max(1, min(cluster.pipeline_max_pieces, nbytes // cluster.pipeline_piece_bytes))
+
+
+def _scaled(cost: Cost, k: float) -> Cost:
+    return Cost(cost.latency * k, cost.transfer * k, cost.reduction * k)
+
+
+def _summed(*costs: Cost) -> Cost:
+    return Cost(*(sum(getattr(c, f) for c in costs) for f in ("latency", "transfer", "reduction")))
+
+
+def _hierarchical(nbytes: int, c: Cluster) -> Cost:
+    """Pipelined reduce-scatter in the node, g inter-node rings, all-gather (Rules 4, 6, 7)."""
+    if c.world_size == 1 or nbytes == 0:
+        return Cost(0.0, 0.0, 0.0)
+    pieces = hierarchical_pieces(nbytes, c)
+    rs, x, ag = _hierarchical_phases(nbytes / pieces, c)  # one piece
+    inter_bound = _summed(rs, _scaled(x, pieces), ag)  # the inter-node link's critical path
+    intra_bound = _summed(_scaled(rs, pieces), _scaled(ag, pieces), x)  # the intra-node one
+    return max(inter_bound, intra_bound, key=lambda cost: cost.total)
 
 
 def allreduce_cost(nbytes: int, algorithm: str, cluster: Cluster) -> Cost:

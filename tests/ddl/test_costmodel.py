@@ -15,6 +15,7 @@ from ddl.costmodel import (
     choose_algorithm,
     default_cluster,
     feasible_algorithms,
+    hierarchical_pieces,
     plan_buckets,
     powerai_resnet50,
     resnet50_layers,
@@ -71,7 +72,7 @@ def test_hierarchical_reduces_to_ring_on_one_level(m, g):
     # hierarchical does not "fit" these shapes, so call its internal form directly.
     from ddl.costmodel import _hierarchical
 
-    c = Cluster(nodes=m, gpus_per_node=g, nics_per_node=3)
+    c = Cluster(nodes=m, gpus_per_node=g, nics_per_node=3, pipeline_max_pieces=1)
     for n in (1, 4096, 10 * MiB + 3):
         assert _hierarchical(n, c).total == pytest.approx(allreduce_time(n, "ring", c), rel=1e-12)
 
@@ -88,6 +89,7 @@ def test_hierarchical_matches_thakur_two_level_with_one_nic_per_rank():
         inter_bandwidth=12e9,
         reduce_bandwidth=200e9,
         dispatch_overhead=0.0,
+        pipeline_max_pieces=1,  # the textbook, unpipelined form
     )
     expected = (
         2 * (g - 1) * 2e-6
@@ -110,11 +112,44 @@ def test_hierarchical_rings_share_one_nic():
         intra_latency=0.0,
         inter_latency=0.0,
         dispatch_overhead=0.0,
+        pipeline_max_pieces=1,
     )
     one = allreduce_cost(64 * MiB, "hierarchical", Cluster(nics_per_node=1, **base)).transfer
     four = allreduce_cost(64 * MiB, "hierarchical", Cluster(nics_per_node=4, **base)).transfer
     intra = 2 * 3 * (64 * MiB / 4) / 1e15
     assert one - intra == pytest.approx(4 * (four - intra), rel=1e-12)
+
+
+def test_pipelined_hierarchical_hides_the_intra_node_phases():
+    # NOTE Rule 7: without latency, with the inter-node link the bottleneck, only the first
+    # piece's reduce-scatter and the last piece's all-gather are exposed.
+    n, g, m = 64 * MiB, 2, 2
+    base = dict(
+        nodes=m,
+        gpus_per_node=g,
+        intra_latency=0.0,
+        inter_latency=0.0,
+        dispatch_overhead=0.0,
+        intra_bandwidth=1e9,
+        inter_bandwidth=125e6,
+        reduce_bandwidth=1e15,
+    )
+    flat = allreduce_time(n, "hierarchical", Cluster(pipeline_max_pieces=1, **base))
+    piped = Cluster(pipeline_max_pieces=8, **base)
+    assert hierarchical_pieces(n, piped) == 8
+    intra = (g - 1) * (n / g) / 1e9  # one reduce-scatter (= one all-gather) of the whole tensor
+    inter = 2 * (m - 1) * (n / m) / 125e6
+    assert flat == pytest.approx(2 * intra + inter, rel=1e-6)
+    assert allreduce_time(n, "hierarchical", piped) == pytest.approx(
+        2 * intra / 8 + inter, rel=1e-6
+    )
+    # Latency is paid once per piece: with latency-bound messages pipelining costs more.
+    slow = dict(base, inter_latency=1e-3)
+    one = allreduce_time(n, "hierarchical", Cluster(pipeline_max_pieces=1, **slow))
+    eight = allreduce_time(n, "hierarchical", Cluster(pipeline_max_pieces=8, **slow))
+    assert eight - allreduce_time(n, "hierarchical", piped) >= 8 * 2e-3 - 1e-9
+    assert one < flat + 2e-3 + 1e-9
+    assert hierarchical_pieces(1 * MiB, piped) == 1
 
 
 def test_hierarchical_beats_flat_ring_on_two_nodes_by_the_byte_ratio():
@@ -245,6 +280,8 @@ def test_default_cluster_shape():
         ("dispatch_overhead", -1.0),
         ("nodes", True),
         ("intra_duplex", 1),
+        ("pipeline_piece_bytes", 0),
+        ("pipeline_max_pieces", 1.0),
     ],
 )
 def test_cluster_rejects_nonsense(field, value):
