@@ -18,6 +18,12 @@
 #    before the machine would start swapping itself to death.
 # 5. Memory is pinned only when an accelerator exists; on the CPU the same code
 #    copies into ordinary buffers, so the logic is tested without a GPU.
+# 6. On CUDA a block is ordinary host memory, page-aligned and registered with
+#    ``cudaHostRegister`` (``pin_pages``), not ``pin_memory=True``: PyTorch's
+#    caching host allocator rounds every request up to a power of two (up to 2x
+#    the RAM) and keeps freed blocks in its own cache, where neither ``trim`` nor
+#    the cap could see them. Registration is undone when the block is freed. If
+#    registering fails, the block falls back to ``pin_memory=True``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -37,6 +44,32 @@ __all__ = ["HostBlock", "HostPool"]
 
 ALIGN = 4096  # page granularity; also keeps every dtype's view aligned
 SLACK = 1.25  # reuse a free block at most this much larger than the request
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def pin_pages(size: int) -> torch.Tensor:
+    """``size`` bytes of page-locked host memory, not rounded up (NOTE [Host pool], rule 6).
+
+    Returns a flat ``uint8`` tensor whose pages belong to it alone (so that no other
+    allocation shares a registered page), unregistered again when it is freed.
+    """
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % ALIGN
+    buf = raw[start : start + size]
+    try:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(buf.data_ptr(), size, 0)
+        ok = int(err) == 0
+    except (AssertionError, AttributeError, RuntimeError, TypeError):
+        ok = False
+    if not ok:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    # Runs when ``buf`` is collected, before its memory goes back to the allocator.
+    weakref.finalize(buf, _unregister, buf.data_ptr())
+    return buf
 
 
 class HostBlock:
@@ -139,7 +172,7 @@ class HostPool:
                 f"{format_bytes(self.cap)}; raise host_limit (if the machine has the RAM), "
                 "raise limit so that less is swapped, or use a smaller batch"
             )
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        buf = pin_pages(size) if self.pin else torch.empty(size, dtype=torch.uint8)
         self.held_bytes += size
         self.stats.pinned_allocs += 1
         self.stats.host_bytes = self.held_bytes
