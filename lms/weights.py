@@ -77,7 +77,14 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   gradient was produced in a backward must be passed to ``grads_ready`` before
 #   the next forward or optimizer step, else LMS raises ``LMSError`` naming the
 #   parameters rather than stepping on unreduced gradients. Parameters that are
-#   not paged may be passed too; they are ignored.
+#   not paged may be passed too; they are ignored. With gradient accumulation the
+#   reducer must see the whole sum, as without LMS: LMS's grad hook first adds
+#   the host-accumulated part into ``.grad`` on the device, so ``lms.enable``
+#   must come before ``ddl.wrap`` (hooks run in registration order); the other
+#   order raises ``LMSError`` instead of reducing a partial gradient. LMS ends
+#   its backward in a second end-of-backward callback, after the reducer's own,
+#   so gradients the reducer writes there (parameters unused on this rank) are
+#   taken too.
 # Rule 9 (activations are not ours). The activation path never swaps a
 #   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
 #   which covers everything autograd saves from a shell; a copy made from a
@@ -286,6 +293,7 @@ class WeightPaging:
         self._graph_pending = False
         self._callback_queued: int | None = None
         self._ended_awaiting = False
+        self._requeued = False
         self._bwd_cursor: int | None = None
         self._optimizers: weakref.WeakSet = weakref.WeakSet()
         self._warned: weakref.WeakSet = weakref.WeakSet()
@@ -446,14 +454,31 @@ class WeightPaging:
         return self.grads_ready
 
     def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
-        """Offload the gradients of ``params`` now (see :meth:`defer_grad_offload`)."""
+        """Offload the gradients of ``params`` now (see :meth:`defer_grad_offload`).
+
+        Raises:
+            LMSError: if a gradient arrives that LMS cannot combine correctly with the
+                one it accumulated on the host (Rule 8: the reducer's hook ran first).
+        """
         with self.rt.lock:
             for p in params:
                 pp = self._by_param.get(id(p))
-                if pp is None or pp not in self._awaiting:
+                if pp is None:
                     continue
-                self._awaiting.discard(pp)
-                self._offload_grad(pp)
+                if pp in self._awaiting:
+                    self._awaiting.discard(pp)
+                    self._offload_grad(pp)
+                elif self.phase is Phase.DEVICE and p.grad is not None:
+                    # Announced before LMS's own grad hook ran (the reducer's hook came
+                    # first), or a parameter unused here that the reducer filled in.
+                    if pp.acc_valid:
+                        raise LMSError(
+                            f"the gradient reducer announced {pp.name!r} before LMS could "
+                            "add the gradient it accumulated on the host, so the reduced "
+                            "value would miss it; call lms.enable before ddl.wrap (LMS's "
+                            "hooks must run first) when accumulating gradients"
+                        )
+                    self._offload_grad(pp)
             if self._ended_awaiting and not self._awaiting:
                 self._ended_awaiting = False
                 self._finish_backward()
@@ -733,9 +758,33 @@ class WeightPaging:
             self._release(pp)
             if self._deferred:
                 if param.grad is not None:
+                    if pp.acc_valid:
+                        self._fold_accumulated(pp)  # Rule 8: the reducer sees the whole sum
                     self._awaiting.add(pp)
                 return
             self._offload_grad(pp)
+
+    def _fold_accumulated(self, pp: PagedParam) -> None:
+        """Add the host-accumulated gradient into the device ``.grad`` (Rule 8).
+
+        ``new + old`` on the device is the same single add AccumulateGrad would have
+        done (``old + new``), so the reducer sees bitwise the gradient it sees without
+        LMS; the accumulator is then overwritten by the offload.
+        """
+        tr = self.rt.transfers
+        grad = pp.param.grad
+        with torch.profiler.record_function("lms::weights::fold_h2d"):
+            old = torch.empty_like(grad)  # on the compute stream
+            tr.h2d.wait_stream(tr.current_stream())
+            with tr.mod.stream(tr.h2d):
+                old.copy_(pp.acc, non_blocking=not tr.is_cpu)
+                event = tr.new_event()
+                event.record(tr.h2d)
+        self.rt.stats.swap_ins += 1
+        self.rt.stats.swapped_in_bytes += pp.nbytes
+        with torch.no_grad():
+            grad.add_(tr.wait(Copy(old, event)))
+        pp.acc_valid = False
 
     def _offload_grad(self, pp: PagedParam) -> None:
         """Start copying ``pp``'s device gradient to host (Rule 5)."""
@@ -790,6 +839,13 @@ class WeightPaging:
             self._bwd_cursor = None
             if self._removed:
                 return
+            if self._deferred and not self._requeued:
+                # Rule 8: run once more after the end-of-backward work that a reducer
+                # queued during this backward (it may still call grads_ready there).
+                self._requeued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+                return
+            self._requeued = False
             self._reap(block=True)
             if self._awaiting:
                 # Rule 8: the reducer still owes grads_ready; finish when it calls.

@@ -496,3 +496,65 @@ def test_frozen_layer_in_the_middle_and_external_parameters():
     with pytest.raises(LMSError, match="not part of the model"):
         h.register_external_parameter(nn.Linear(2, 2), paged.emb.weight)
     h.remove()
+
+
+class FakeReducer:
+    """A stand-in for ddl.wrap: reduces (here: halves) every gradient at the end of
+    backward in a callback it queues itself, then announces them with grad_ready;
+    under no_sync it announces each gradient from its hook without reducing."""
+
+    def __init__(self, model, grad_ready=None):
+        self.grad_ready, self.sync, self.seen = grad_ready, True, []
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self.on_grad) for p in model.parameters()
+        ]
+
+    def on_grad(self, p):
+        if not self.sync:
+            if self.grad_ready:
+                self.grad_ready([p])
+            return
+        if not self.seen:
+            torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
+        self.seen.append(p)
+
+    def finalize(self):
+        with torch.no_grad():
+            for p in self.seen:
+                p.grad.mul_(0.5)
+        if self.grad_ready:
+            self.grad_ready(self.seen)
+        self.seen = []
+
+
+def test_deferred_offload_with_accumulation_and_a_reducer_finishing_late():
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())  # before the reducer: its hooks run first
+    rb, rp = FakeReducer(base), FakeReducer(paged, handle.defer_grad_offload())
+    ob = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    op = torch.optim.AdamW(paged.parameters(), lr=1e-2)
+    data = batches(6)
+    for i in range(0, 6, 3):
+        for j, (x, y) in enumerate(data[i : i + 3]):
+            for model, red in ((base, rb), (paged, rp)):
+                red.sync = j == 2  # no_sync for the first two micro-batches
+                model(x, y).backward()
+        for opt in (ob, op):
+            opt.step()
+            opt.zero_grad()
+        assert handle.phase is Phase.HOST
+    assert_same_params(base, paged)
+    handle.remove()
+
+
+def test_reducer_hooks_before_lms_with_accumulation_is_refused():
+    _, paged = pair()
+    red = FakeReducer(paged)  # registered first: would reduce a partial gradient
+    handle = attach_weight_paging(paged, runtime())
+    red.grad_ready = handle.defer_grad_offload()
+    (x, y), (x2, y2) = batches(2)
+    red.sync = False
+    paged(x, y).backward()  # no accumulated gradient yet: fine in either order
+    with pytest.raises(LMSError, match="before ddl.wrap"):
+        paged(x2, y2).backward()
+    handle.remove()
