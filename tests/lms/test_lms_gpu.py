@@ -130,3 +130,18 @@ def test_limit_larger_than_the_device_is_refused():
     total = torch.cuda.get_device_properties(0).total_memory
     with pytest.raises(lms.LMSError, match="larger than the device"):
         lms.enable(model, limit=total + 1)
+
+
+def test_pool_pins_exact_sizes_and_frees_them():
+    from lms.pool import ALIGN, HostPool
+
+    pool = HostPool(cap=1 << 30, pin=True, stats=lms.Stats())
+    n = (1 << 20) + 1  # just over a power of two: the caching host allocator would take 2 MiB
+    block = pool.acquire(n)
+    assert block.buf.is_pinned() and block.capacity == (1 << 20) + ALIGN
+    dev = torch.arange(n, dtype=torch.uint8, device="cuda")
+    block.view(n).copy_(dev, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(block.view(n).cuda(), dev)
+    pool.release(block)
+    assert pool.trim() == block.capacity and pool.held_bytes == 0
