@@ -4,8 +4,8 @@
 # 1. Scope. A forward pre-hook on the root module pushes
 #    ``torch.autograd.graph.saved_tensors_hooks``; a forward hook registered with
 #    ``always_call=True`` pops it, so an exception in forward cannot leave it on.
-#    Only training forwards with grad enabled are touched: an eval or ``no_grad``
-#    forward saves nothing and runs exactly as without LMS.
+#    Only training forwards (``module.training``) with grad enabled are touched:
+#    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
 #    at least ``min_size``. Never parameters, views of parameters, buffers, or
 #    leaves that require grad (the user holds those; moving them frees nothing).
@@ -23,11 +23,15 @@
 #    ``_Packed``. An entry needed while still OUTGOING is used from the device.
 # 5. Limit. Each new entry is charged to the shared budget (NOTE [Memory budget]);
 #    if the budget is exceeded the oldest-saved resident entries are evicted
-#    (NOTE [Swap policy], Rule 1).
+#    (NOTE [Swap policy], Rule 1), the new one last. In backward, when gradients
+#    push the device over the limit, entries not used yet are evicted the same
+#    way; entries in use (unpacked, BOTH) are not.
 # 6. Prefetch. In backward, each unpack issues host-to-device copies for the next
 #    swapped entries in reverse save order, within the headroom, at least
-#    ``lookahead`` of them (NOTE [Swap policy], Rule 2). The compute stream waits
-#    on the copy's event, never the host (NOTE [Copy ordering]).
+#    ``lookahead`` of them (NOTE [Swap policy], Rule 2). An OUTGOING entry in
+#    that window is only marked ``wanted``: it keeps its device copy when its copy
+#    out completes. The compute stream waits on the copy's event, never the host
+#    (NOTE [Copy ordering]).
 # 7. Threads. Pack runs on the forward thread, unpack on autograd's device
 #    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
 #    hold ``runtime.lock``.

@@ -33,7 +33,7 @@ class Stats:
         swap_ins: number of host -> device copies.
         peak_resident_bytes: most bytes LMS kept resident on the device at once, by
             its own accounting (saved activations, plus paged weight state when
-            weight paging is on).
+            weight paging is on), not counting bytes already being copied out.
         peak_device_bytes: the allocator's peak (``torch.cuda.max_memory_allocated``)
             on CUDA; ``None`` on the CPU.
         stall_s: seconds compute waited for a copy. On CUDA measured on the device
