@@ -34,16 +34,21 @@
 #    (NOTE [Copy ordering]).
 # 7. Threads. Pack runs on the forward thread, unpack on autograd's device
 #    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
-#    hold ``runtime.lock``.
+#    hold ``runtime.lock``, inside ``_critical``. A ``_Packed`` can also be freed
+#    by the garbage collector in the middle of a critical section of the same
+#    thread (any allocation may run it); its entry is then queued and released
+#    when the section ends, so no state changes under a running loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import sys
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -166,6 +171,25 @@ class ActivationSwapper:
         self._cursor = -1  # prefetch position in _swapped, walking down in backward
         self._graveyard: deque[Copy] = deque()  # copies whose entry died while in flight
         self._largest = 0
+        self._busy = False  # inside a critical section (Rule 7)
+        self._deferred: list[_Entry] = []  # entries that died while busy
+
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """Hold the lock; release entries that died meanwhile on the way out (Rule 7)."""
+        with self.lock:
+            if self._busy:  # nested (same thread): the outer section settles
+                yield
+                return
+            self._busy = True
+            try:
+                yield
+            finally:
+                try:
+                    while self._deferred:
+                        self._release(self._deferred.pop())
+                finally:
+                    self._busy = False
 
     # -- installation -------------------------------------------------------
 
@@ -180,7 +204,7 @@ class ActivationSwapper:
         if not (module.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
             self._scopes.append(None)
             return
-        with self.lock:
+        with self._critical():
             self.phase = Phase.FORWARD
             self._frozen = {
                 t.untyped_storage().data_ptr()
@@ -196,7 +220,7 @@ class ActivationSwapper:
         scope = self._scopes.pop() if self._scopes else None
         if scope is not None:
             scope.__exit__(None, None, None)
-            with self.lock:
+            with self._critical():
                 self.phase = Phase.IDLE
                 self._reap()
 
@@ -223,7 +247,7 @@ class ActivationSwapper:
         ptr = storage.data_ptr()
         if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
             return t
-        with self.lock:
+        with self._critical():
             entry = self._index.get(ptr)
             if entry is not None and entry.storage_ref() is storage:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
@@ -353,7 +377,7 @@ class ActivationSwapper:
         if not isinstance(packed, _Packed):
             return packed
         entry = packed.entry
-        with self.lock:
+        with self._critical():
             if self.phase is not Phase.BACKWARD:
                 self.phase = Phase.BACKWARD
                 self._cursor = len(self._swapped) - 1
@@ -428,34 +452,42 @@ class ActivationSwapper:
     # -- death --------------------------------------------------------------
 
     def _drop(self, entry: _Entry) -> None:
-        """One ``_Packed`` of ``entry`` was freed by autograd."""
+        """One ``_Packed`` of ``entry`` was freed by autograd (or the garbage collector)."""
         with self.lock:
             entry.refs -= 1
             if entry.refs > 0:
                 return
-            if self._index.get(entry.ptr) is entry:
-                del self._index[entry.ptr]
-            where = entry.where
-            if where is Where.OUTGOING:
-                return  # _reap frees it once the copy is done
-            if where in (Where.DEVICE, Where.BOTH):
-                self._unlist(entry)
-                self.budget.release(entry.nbytes)
-            elif where is Where.INCOMING:
-                # The copy still writes the device buffer: keep it alive until done.
-                self._graveyard.append(entry.copy)
-                self._prefetched.pop(entry.seq, None)
-                self.budget.release(entry.nbytes)
-            if entry.block is not None:
-                self.pool.release(entry.block)
-            entry.storage = entry.block = entry.copy = None
-            entry.where = Where.DEAD
+            if self._busy:
+                self._deferred.append(entry)  # Rule 7: released when the section ends
+                return
+        with self._critical():
+            self._release(entry)
+
+    def _release(self, entry: _Entry) -> None:
+        """Free what a dead entry holds (device copy, host block, budget)."""
+        if self._index.get(entry.ptr) is entry:
+            del self._index[entry.ptr]
+        where = entry.where
+        if where is Where.OUTGOING or where is Where.DEAD:
+            return  # OUTGOING: _reap frees it once the copy is done
+        if where in (Where.DEVICE, Where.BOTH):
+            self._unlist(entry)
+            self.budget.release(entry.nbytes)
+        elif where is Where.INCOMING:
+            # The copy still writes the device buffer: keep it alive until done.
+            self._graveyard.append(entry.copy)
+            self._prefetched.pop(entry.seq, None)
+            self.budget.release(entry.nbytes)
+        if entry.block is not None:
+            self.pool.release(entry.block)
+        entry.storage = entry.block = entry.copy = None
+        entry.where = Where.DEAD
 
     # -- teardown -----------------------------------------------------------
 
     def drain(self) -> None:
         """Wait for every copy in flight and finish its bookkeeping."""
-        with self.lock:
+        with self._critical():
             while self._outgoing:
                 self.transfers.block_on(self._outgoing[0].copy)
                 self._reap()

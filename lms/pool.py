@@ -119,7 +119,7 @@ class HostPool:
         self.in_use_bytes = 0
         self._free: list[tuple[int, int, HostBlock]] = []  # sorted by (capacity, id)
         self._ids = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a GC-run finalizer may release a block
 
     def acquire(self, nbytes: int) -> HostBlock:
         """A block of at least ``nbytes``: a cached one if one fits, else a new one.

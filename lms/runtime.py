@@ -94,7 +94,7 @@ class MemoryBudget:
         self.resident_bytes = 0
         self.leaving_bytes = 0
         self.reserve = 0  # Rule 5
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def charge(self, nbytes: int, leaving: bool = False) -> None:
         """Account ``nbytes`` more as resident (``leaving``: and already on their way out)."""

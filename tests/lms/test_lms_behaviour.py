@@ -396,3 +396,20 @@ def test_cross_entropy_only_model_with_integer_saves():
         F.cross_entropy(model(idx).flatten(0, 1), idx.flatten(), reduction="sum")
         model(idx).flatten(0, 1).logsumexp(-1).sum().backward()
     assert all(torch.equal(a, p.grad) for a, p in zip(want, model.parameters(), strict=True))
+
+
+def test_an_entry_freed_inside_a_critical_section_is_released_after_it():
+    # The garbage collector can free a saved tensor's _Packed at any allocation,
+    # also in the middle of LMS's own bookkeeping; the release waits for the end.
+    from lms.activations import ActivationSwapper
+    from lms.config import LMSConfig
+    from lms.runtime import Runtime
+
+    runtime = Runtime(torch.device("cpu"), LMSConfig(limit="1GiB", min_size=0))
+    swapper = ActivationSwapper(nn.Linear(2, 2), runtime)
+    packed = swapper._pack(torch.randn(1000) * 2)
+    assert runtime.budget.resident_bytes == 4000
+    with swapper._critical():
+        del packed  # finalized right here, inside the section
+        assert swapper.live_entries() == 1 and runtime.budget.resident_bytes == 4000
+    assert swapper.live_entries() == 0 and runtime.budget.resident_bytes == 0
