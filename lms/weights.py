@@ -269,6 +269,9 @@ class WeightPaging:
         plan: the plan it carries out.
         paged: the paged parameters, in ``named_parameters`` order.
         phase: where paged parameters point now (NOTE [Weight paging] Rule 1).
+        tracker: the learned module order (NOTE [Weight paging plan] Rule 3).
+        prefetched: parameters a module found already on their way in.
+        on_demand: parameters a module had to fetch itself when it ran (a stall).
     """
 
     # -- initialization ----------------------------------------------------
@@ -299,6 +302,10 @@ class WeightPaging:
         self._warned: weakref.WeakSet = weakref.WeakSet()
         self._removed = False
         self._storage_ptrs: set[int] = set()
+        # Fills found in flight when a module needed them, and fills issued only
+        # when it did (a stall): how well the learned order predicts.
+        self.prefetched = 0
+        self.on_demand = 0
         self._setup()
 
     def _setup(self) -> None:
@@ -625,6 +632,10 @@ class WeightPaging:
 
     def _acquire(self, pp: PagedParam) -> None:
         """Make ``pp`` usable on the compute stream now (Rule 3)."""
+        if pp.where is Where.OUT:
+            self.on_demand += 1
+        elif pp.where is Where.FILLING:
+            self.prefetched += 1
         self._fetch(pp)
         if pp.where is Where.FILLING:
             self.rt.transfers.wait(pp.fill)

@@ -558,3 +558,27 @@ def test_reducer_hooks_before_lms_with_accumulation_is_refused():
     with pytest.raises(LMSError, match="before ddl.wrap"):
         paged(x2, y2).backward()
     handle.remove()
+
+
+def test_learned_order_turns_demand_fetches_into_prefetches():
+    _, paged = pair()
+    handle = attach_weight_paging(paged, runtime(limit="1MiB"))
+    data = batches(3)
+    opt = torch.optim.SGD(paged.parameters(), lr=0.1)
+    train(paged, opt, data[:1])
+    first = (handle.prefetched, handle.on_demand)
+    assert first[1] > first[0]  # nothing learned yet: forward fetches on demand
+    train(paged, opt, data[1:])
+    later = (handle.prefetched - first[0], handle.on_demand - first[1])
+    assert later[0] > 2 * later[1], (first, later)  # following the learned order
+    handle.remove()
+
+
+def test_machine_memory_exhaustion_raises_up_front(monkeypatch):
+    import lms.weights as weights
+
+    _, paged = pair()
+    monkeypatch.setattr(weights, "_mem_available", lambda: 4096)
+    with pytest.raises(LMSError, match="available"):
+        attach_weight_paging(paged, runtime())
+    assert not paged._forward_pre_hooks
