@@ -74,7 +74,7 @@ class Transfers:
         >>> t = Transfers(torch.device("cpu"), Stats())
         >>> src = torch.arange(8, dtype=torch.uint8)
         >>> block = HostBlock(torch.empty(8, dtype=torch.uint8), 0)
-        >>> t.wait(t.to_host(src, block))
+        >>> _ = t.wait(t.to_host(src, block))
         >>> bool(t.wait(t.to_device(block, 8)).eq(src).all())
         True
     """

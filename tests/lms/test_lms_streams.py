@@ -1,0 +1,149 @@
+"""The accelerator code path of the copies, run on the CPU against a recording stand-in.
+
+The CUDA branch of ``lms.transfer.Transfers`` (side streams, events, waits, stall
+timing) only runs on a GPU. Here it runs with a stand-in device module that
+records what each stream was asked to wait for, so the ordering rules of
+NOTE [Copy ordering] are checked in CI; the copies themselves are CPU copies.
+"""
+
+import contextlib
+
+import torch
+
+import lms
+from examples.gpt import GPT, GPTConfig, synthetic_batch
+from lms.pool import HostBlock
+from lms.stats import Stats
+from lms.transfer import Transfers
+
+
+class FakeEvent:
+    clock = 0.0
+
+    def __init__(self, enable_timing=False):
+        self.timing = enable_timing
+        self.stream = None
+        self.left = 2  # reports "not done" twice, like a copy still running
+        self.at = None
+
+    def record(self, stream=None):
+        self.stream = stream
+        FakeEvent.clock += 1.0  # one "millisecond" per recorded event
+        self.at = FakeEvent.clock
+        stream.log.append(("record", self))
+
+    def query(self):
+        if self.left:
+            self.left -= 1
+            return False
+        return True
+
+    def synchronize(self):
+        self.left = 0
+
+    def elapsed_time(self, other):
+        assert self.timing and other.timing
+        return other.at - self.at
+
+
+class FakeStream:
+    def __init__(self, name="side", device=None):
+        self.name = name
+        self.log = []
+
+    def wait_stream(self, other):
+        self.log.append(("wait_stream", other))
+
+    def wait_event(self, event):
+        self.log.append(("wait_event", event))
+
+    def synchronize(self):
+        pass
+
+
+class FakeCuda:
+    Event = FakeEvent
+
+    def __init__(self):
+        self.compute = FakeStream("compute")
+        self.active = []
+
+    def Stream(self, device=None):  # noqa: N802 - mirrors torch.cuda.Stream
+        return FakeStream(device=device)
+
+    def current_stream(self, device=None):
+        return self.active[-1] if self.active else self.compute
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        self.active.append(s)
+        try:
+            yield
+        finally:
+            self.active.pop()
+
+
+def accelerator_transfers(stats):
+    t = Transfers(torch.device("cpu"), stats)
+    t.is_cpu = False
+    t.mod = FakeCuda()
+    t.d2h, t.h2d = FakeStream("d2h"), FakeStream("h2d")
+    return t
+
+
+def test_copy_ordering_rules():
+    stats = Stats()
+    t = accelerator_transfers(stats)
+    block = HostBlock(torch.empty(64, dtype=torch.uint8), 0)
+    src = torch.arange(64, dtype=torch.uint8)
+
+    out = t.to_host(src, block)
+    # Rule 1: the copy stream waits for compute before reading what compute produced.
+    assert t.d2h.log[0] == ("wait_stream", t.mod.compute)
+    assert t.d2h.log[-1] == ("record", out.event) and block.last_event is out.event
+    assert torch.equal(out.tensor, src) and stats.swap_outs == 1
+
+    back = t.to_device(block, 64)
+    # Rule 2: the h2d stream waits for compute (recycled memory) and the block's writer.
+    assert t.h2d.log[:2] == [("wait_stream", t.mod.compute), ("wait_event", out.event)]
+    assert t.h2d.log[-1] == ("record", back.event)
+
+    # Rule 3: the compute stream, not the host, waits; the wait is timed as a stall.
+    assert t.wait(back) is back.tensor
+    kinds = [k for k, _ in t.mod.compute.log]
+    assert kinds == ["record", "wait_event", "record"]
+    assert t.mod.compute.log[1] == ("wait_event", back.event)
+    t.collect_stalls(block=True)
+    assert stats.stall_s > 0 and not t._timings
+    assert torch.equal(back.tensor, src) and stats.swap_ins == 1
+
+    # A copy already done costs no wait and no timing events.
+    done = t.to_device(block, 64)
+    done.event.left = 0
+    t.mod.compute.log.clear()
+    t.wait(done)
+    assert t.mod.compute.log == []
+
+
+def test_gpt_parity_through_the_accelerator_path():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=256)
+    model = GPT(cfg)
+    x, y = synthetic_batch(cfg, 4, torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x, y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want = grads()
+    for limit in (0, 96 * 1024):
+        with lms.enable(model, limit=limit, min_size=0, weights=False) as handle:
+            handle.runtime.transfers = accelerator_transfers(handle.runtime.stats)
+            handle.activations.transfers = handle.runtime.transfers
+            for _ in range(2):
+                assert all(torch.equal(a, b) for a, b in zip(want, grads(), strict=True))
+            handle.activations.drain()
+            stats = handle.stats()
+            assert stats.swap_outs > 0 and stats.resident_bytes == 0
+            assert handle.activations.live_entries() == 0
