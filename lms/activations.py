@@ -296,12 +296,12 @@ class ActivationSwapper:
         else:
             self.budget.charge(entry.nbytes)
             self._resident[entry.seq] = entry
-        self._throttle()
+        self._throttle(entry.nbytes)
 
-    def _throttle(self) -> None:
+    def _throttle(self, allowance: int) -> None:
         """Wait for the oldest copies out while too many bytes are in flight (Rule 3)."""
         while self._outgoing and must_wait_for_copies(
-            self._outgoing_bytes, self.budget.excess(), self._largest
+            self._outgoing_bytes, self.budget.excess(), allowance
         ):
             self.transfers.block_on(self._outgoing[0].copy)
             self._reap()
@@ -319,7 +319,7 @@ class ActivationSwapper:
         resident = ((e.seq, e.nbytes) for e in self._resident.values() if e is not protect)
         for key in plan_evictions(resident, need):
             self._evict(self._resident[key])
-        self._throttle()
+        self._throttle(self._largest)
 
     def _evict(self, entry: _Entry) -> None:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""

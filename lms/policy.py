@@ -13,8 +13,10 @@
 #    at ``limit=0`` (``plan_prefetch``).
 # 3. Copies of evicted tensors in flight still occupy the device. The host waits
 #    for the oldest of them only when the bytes in flight exceed the headroom
-#    under the limit by more than one largest tensor (``must_wait_for_copies``):
-#    that bounds the overshoot, and still lets one copy run behind compute.
+#    under the limit by more than one tensor, the one just saved
+#    (``must_wait_for_copies``): that bounds the overshoot by one tensor, and
+#    still keeps the copy engine busy (the next copy is queued while the
+#    previous one runs, and compute for the next tensor runs beside them).
 # 4. Tensors below ``min_size`` never move: a copy has a fixed cost (about 48 us
 #    for 1 MiB, ANCHORS.md), so small ones would cost more time than the memory is
 #    worth (``is_swappable_size``).
@@ -105,20 +107,20 @@ def plan_prefetch(
     return chosen
 
 
-def must_wait_for_copies(in_flight_bytes: int, excess: int, largest: int) -> bool:
+def must_wait_for_copies(in_flight_bytes: int, excess: int, allowance: int) -> bool:
     """Whether the host must wait for an outgoing copy before going on (Rule 3).
 
     Args:
         in_flight_bytes: bytes whose device-to-host copy has not finished.
         excess: bytes over the limit, not counting those in flight (< 0: headroom).
             When memory LMS does not manage already exceeds the limit, the excess
-            stays positive, and in-flight bytes are bounded by ``largest`` alone.
-        largest: the largest swappable tensor seen, the allowed overshoot.
+            stays positive, and in-flight bytes are bounded by ``allowance`` alone.
+        allowance: the overshoot allowed: the size of the tensor just saved.
 
     Example:
-        >>> must_wait_for_copies(in_flight_bytes=30, excess=0, largest=20)
+        >>> must_wait_for_copies(in_flight_bytes=30, excess=0, allowance=20)
         True
-        >>> must_wait_for_copies(in_flight_bytes=30, excess=-15, largest=20)
+        >>> must_wait_for_copies(in_flight_bytes=30, excess=-15, allowance=20)
         False
     """
-    return in_flight_bytes > largest + max(0, -excess)
+    return in_flight_bytes > allowance + max(0, -excess)

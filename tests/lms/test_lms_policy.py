@@ -41,11 +41,11 @@ def test_prefetch_keeps_a_minimum_lookahead_even_at_limit_zero():
 
 
 def test_copies_in_flight_are_bounded_by_headroom_plus_one_largest():
-    assert not must_wait_for_copies(in_flight_bytes=0, excess=100, largest=10)
-    assert not must_wait_for_copies(in_flight_bytes=10, excess=5, largest=10)
-    assert must_wait_for_copies(in_flight_bytes=11, excess=5, largest=10)
-    assert not must_wait_for_copies(in_flight_bytes=30, excess=-20, largest=10)
-    assert must_wait_for_copies(in_flight_bytes=31, excess=-20, largest=10)
+    assert not must_wait_for_copies(in_flight_bytes=0, excess=100, allowance=10)
+    assert not must_wait_for_copies(in_flight_bytes=10, excess=5, allowance=10)
+    assert must_wait_for_copies(in_flight_bytes=11, excess=5, allowance=10)
+    assert not must_wait_for_copies(in_flight_bytes=30, excess=-20, allowance=10)
+    assert must_wait_for_copies(in_flight_bytes=31, excess=-20, allowance=10)
 
 
 def test_min_size():
