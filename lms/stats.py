@@ -36,9 +36,11 @@ class Stats:
             weight paging is on), not counting bytes already being copied out.
         peak_device_bytes: the allocator's peak (``torch.cuda.max_memory_allocated``)
             on CUDA; ``None`` on the CPU.
-        stall_s: seconds compute waited for a copy. On CUDA measured on the device
-            with timing events around each wait that was still pending when it was
-            issued; on the CPU the host time spent blocked on copies.
+        stall_s: seconds compute waited for a copy. On CUDA: device-side waits,
+            timed with events around each wait that was still pending when issued,
+            plus host time blocked on a copy out when copies in flight had to be
+            bounded (the link is the bottleneck then). On the CPU, where copies are
+            synchronous, the time spent copying.
         pinned_allocs: host buffers the pool allocated (pinned where an accelerator
             exists); zero in steady state, because the pool is reused.
         host_bytes: host bytes the pool holds now (in use or cached for reuse).
