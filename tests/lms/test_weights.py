@@ -26,7 +26,7 @@ from lms.weights import Phase, attach_weight_paging
 # The advice to use fused=True is tested once below; the parity tests use every variant.
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
-CFG = GPTConfig(vocab_size=256, seq_len=32, n_layer=3, n_head=4, n_embd=64)
+CFG = GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, n_embd=64)
 CPU = torch.device("cpu")
 
 
@@ -81,7 +81,7 @@ def test_parity_bitwise_model_several_times_the_limit(make_opt):
     base, paged = pair()
     rt = runtime(limit="64KiB")
     handle = attach_weight_paging(paged, rt)
-    assert param_bytes(paged) > 8 * rt.limit
+    assert param_bytes(paged) > 7 * rt.limit  # 474 KB of parameters, 64 KiB limit
     assert "blocks.0.mlp.fc.weight" in handle.paged_names
     data = batches(4)
     lb = train(base, make_opt(base.parameters()), data)
