@@ -43,7 +43,9 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   it is empty, else into a pool block that is added to the accumulator once
 #   the copy is done: the same single fp32 add AccumulateGrad would have done,
 #   so results are bitwise equal), sets ``.grad = None`` and drops the device
-#   gradient when the copy's event has completed.
+#   gradient when the copy's event has completed. The host add runs on a
+#   single helper thread (so a large add does not hold up the autograd thread's
+#   kernel launches); entering phase HOST waits for it.
 # Rule 6 (stream ordering, see NOTE [Copy ordering]). Shell storage is resized on
 #   the compute stream, so the caching allocator recycles it in compute order.
 #   A fill waits for the compute stream, runs on the h2d stream and records an
@@ -105,6 +107,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -120,10 +123,11 @@ from .weights_plan import OrderTracker, ParamInfo, WeightPlan, plan_weights, pre
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 
-# Modules looked ahead when prefetching (NOTE [Weight paging plan] Rule 4). Two
-# keeps the link busy while one module computes and one waits; the budget
-# bounds it further.
-MAX_AHEAD = 2
+# Modules looked ahead when prefetching (NOTE [Weight paging plan] Rule 4). A
+# transformer block has four paged matrices, so four looks one block ahead: the
+# link stays busy through a block's compute. The budget bounds it further. (Not
+# yet tuned on a GPU; benchmarks/model_size.py is where to tune it.)
+MAX_AHEAD = 4
 # Bytes of optimizer state per parameter byte expected on the host (Adam's two
 # moments); used only to refuse up front what would exhaust host memory.
 HOST_OPTIMIZER_FACTOR = 2
@@ -306,7 +310,16 @@ class WeightPaging:
         # when it did (a stall): how well the learned order predicts.
         self.prefetched = 0
         self.on_demand = 0
-        self._setup()
+        # Rule 5: host-side accumulation runs here, off the autograd thread, so that
+        # a large add does not hold up the kernel launches of the rest of backward.
+        # One thread keeps the adds into one accumulator in issue order.
+        self._adder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lms-weights-acc")
+        self._adds: list[Future] = []
+        try:
+            self._setup()
+        except BaseException:
+            self._adder.shutdown(wait=False)
+            raise
 
     def _setup(self) -> None:
         device = self.rt.device
@@ -536,6 +549,7 @@ class WeightPaging:
             self.paged.clear()
             self._by_param.clear()
             self._storage_ptrs.clear()
+            self._adder.shutdown(wait=True)
 
     def __enter__(self) -> WeightPaging:
         return self
@@ -784,6 +798,7 @@ class WeightPaging:
         """
         tr = self.rt.transfers
         grad = pp.param.grad
+        self._reap(block=True)  # the accumulator must hold every earlier add
         with torch.profiler.record_function("lms::weights::fold_h2d"):
             old = torch.empty_like(grad)  # on the compute stream
             tr.h2d.wait_stream(tr.current_stream())
@@ -838,11 +853,23 @@ class WeightPaging:
                 keep.append(gc)
                 continue
             if gc.tmp is not None:
-                with torch.no_grad():
-                    gc.pp.acc.add_(gc.tmp)  # the add AccumulateGrad would have done
-                self.rt.pool.release(gc.tmp_block)
+                self._adds.append(self._adder.submit(self._add_on_host, gc))
             self.rt.budget.release(gc.pp.nbytes, leaving=True)
         self._pending = keep
+        if block:
+            self._drain_adds()
+
+    def _add_on_host(self, gc: _GradCopy) -> None:
+        """On the adder thread: accumulate one copied gradient (Rule 5)."""
+        with torch.no_grad():
+            gc.pp.acc.add_(gc.tmp)  # the add AccumulateGrad would have done
+        self.rt.pool.release(gc.tmp_block)
+
+    def _drain_adds(self) -> None:
+        """Wait for every host accumulation; re-raises the first error."""
+        adds, self._adds = self._adds, []
+        for f in adds:
+            f.result()
 
     def _on_backward_end(self) -> None:
         with self.rt.lock:
