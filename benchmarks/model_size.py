@@ -119,6 +119,12 @@ def parse_args(argv=None):
     p.add_argument("--factors", default="2,4", help="parameter multiples to run with LMS")
     p.add_argument("--limit-frac", type=float, default=0.85, help="LMS limit as cap fraction")
     p.add_argument("--min-size", default=None)
+    p.add_argument(
+        "--host-limit",
+        type=float,
+        default=0.8,
+        help="LMS host_limit as a fraction of RAM (masters, gradients, swapped activations)",
+    )
     return p.parse_args(argv)
 
 
@@ -182,7 +188,7 @@ def train(model, device, a, micro_batch, accum, steps, warmup):
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     data = [synthetic_batch(cfg, micro_batch, g, device) for _ in range(accum)]
-    times = []
+    times, opt_times = [], []
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
@@ -190,15 +196,18 @@ def train(model, device, a, micro_batch, accum, steps, warmup):
             with autocast(device):
                 loss = model(x, y)
             (loss / accum).backward()
+        sync(device)
+        t1 = time.perf_counter()
         opt.step()
         opt.zero_grad()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            opt_times.append(time.perf_counter() - t1)
         if not torch.isfinite(loss):
             raise RuntimeError("loss is not finite")
     del opt
-    return times
+    return times, opt_times
 
 
 def reset_peak(device):
@@ -233,6 +242,7 @@ def try_baseline(n_layer, device, a, steps, warmup):
 
 
 def row(kind, n_layer, a, times, peak_bytes, rss, stats):
+    times, opt_times = times
     cfg = config(n_layer, a)
     params = cfg.num_params()
     tokens = a["batch"] * a["seq"] * a["accum"]
@@ -244,6 +254,7 @@ def row(kind, n_layer, a, times, peak_bytes, rss, stats):
         params=params,
         tokens_per_step=tokens,
         step_s=step,
+        optimizer_s=sum(opt_times) / len(opt_times),
         tflops=6 * params * tokens / step / 1e12,
         peak_device_gib=None if peak_bytes is None else peak_bytes / GiB,
         host_rss_gib=rss / GiB,
@@ -279,11 +290,18 @@ def search(device, a, steps, warmup):
     return lo
 
 
-def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup):
+def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limit):
     torch.manual_seed(0)
     model = GPT(config(n_layer, a))  # on the host: it does not fit on the device
     micro = a["batch"] * a["accum"] // accum
-    handle = lms.enable(model, limit=limit, min_size=min_size, weights=True, device=device)
+    handle = lms.enable(
+        model,
+        limit=limit,
+        min_size=min_size,
+        weights=True,
+        device=device,
+        host_limit=host_limit,
+    )
     try:
         reset_peak(device)
         handle.reset_stats()
@@ -291,6 +309,8 @@ def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup):
         stats = handle.stats()
         r = row("LMS", n_layer, a, times, peak(device), host_rss(), stats)
         r["paged_params"] = len(handle.weights.paged_names) if handle.weights else 0
+        r["prefetched"] = handle.weights.prefetched if handle.weights else 0
+        r["on_demand"] = handle.weights.on_demand if handle.weights else 0
         r["lms_accum"] = accum
         r["limit_gib"] = limit / GiB
     finally:
@@ -344,7 +364,7 @@ def main(argv=None):
         limit = 4 * base["params"] * 4  # the baseline's parameter state: a stand-in cap
     for f in (float(x) for x in args.factors.split(",")):
         n = depth_for(f * base["params"], a)
-        r = run_lms(n, device, a, limit, a["min_size"], lms_accum, steps, warmup)
+        r = run_lms(n, device, a, limit, a["min_size"], lms_accum, steps, warmup, args.host_limit)
         r["factor"] = r["params"] / base["params"]
         r["tflops_vs_base"] = r["tflops"] / base["tflops"]
         rows.append(r)
@@ -358,6 +378,7 @@ def main(argv=None):
             params_M=round(r["params"] / 1e6, 1),
             x=round(r["params"] / base["params"], 2),
             step_s=round(r["step_s"], 3),
+            opt_s=round(r["optimizer_s"], 3),
             tflops=round(r["tflops"], 2),
             vs_base=round(r["tflops"] / base["tflops"], 3),
             peak_gib=None if r["peak_device_gib"] is None else round(r["peak_device_gib"], 2),
@@ -372,11 +393,11 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    print("\nrun     params(M)  x     step(s)  TFLOPS  vs base  peak(GiB)  host(GiB)")
+    print("\nrun     params(M)  x     step(s)  opt(s)  TFLOPS  vs base  peak(GiB)  host(GiB)")
     for s in summary:
         print(
-            f"{s['run']:<7} {s['params_M']:>9} {s['x']:>5} {s['step_s']:>8} {s['tflops']:>7} "
-            f"{s['vs_base']:>8} {s['peak_gib']!s:>10} {s['host_gib']:>9}"
+            f"{s['run']:<7} {s['params_M']:>9} {s['x']:>5} {s['step_s']:>8} {s['opt_s']:>7} "
+            f"{s['tflops']:>7} {s['vs_base']:>8} {s['peak_gib']!s:>10} {s['host_gib']:>9}"
         )
     four = [r for r in rows[1:] if r["factor"] >= 3.5]
     if four and device.type == "cuda":
