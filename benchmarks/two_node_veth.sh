@@ -2,7 +2,7 @@
 # A real two-node allreduce measurement on one machine (issue 5).
 #
 #     bash benchmarks/two_node_veth.sh [--rate 1gbit] [--size-mib 64] [--iters 5] [--warmup 1]
-#                                      [--algorithms native,hierarchical,ring,multiring]
+#                                      [--repeats 3] [--algorithms native,hierarchical,ring,multiring]
 #                                      [--out DIR] [--quick] [--limit SECONDS]
 #
 # Needs root (network namespaces, veth, tc) and the project's Python (PYTHON, else the venv's, else
@@ -12,11 +12,13 @@
 # Two ranks run in each namespace under torchrun (--nnodes 2 --nproc-per-node 2, static rendezvous
 # on 10.77.0.1, Gloo bound to the veth with GLOO_SOCKET_IFNAME, DDL_LOCAL_SIZE=2). Traffic between
 # the two ranks of one namespace goes to the namespace's own address and so over its loopback;
-# only inter-node traffic crosses the limited veth. It runs benchmarks/allreduce.py, probes the
-# veth and loopback with one TCP stream each, and prints, for the chosen size (64 MiB), each
-# algorithm's bus bandwidth against native Gloo and against the inter-node link floor
-# 2(m-1)/m x bytes / rate, with the cost model's prediction for the same setup beside it.
-# Everything it creates is removed on exit (trap); every step runs under `timeout`.
+# only inter-node traffic crosses the limited veth. It probes the veth (one TCP stream), loopback
+# (four streams at once, as hierarchical's intra-node phases load it) and the add throughput, runs
+# benchmarks/allreduce.py, and prints, for the chosen size (64 MiB), each algorithm's bus bandwidth
+# against native Gloo and its time against the inter-node link floor 2(m-1)/m x bytes / rate, with
+# the cost model's prediction for the same setup beside it (benchmarks/veth_summary.py), and writes
+# OUT/two_node_veth.json. Everything it creates is removed on exit (trap); every step runs under
+# `timeout`. Exit status 3: this machine cannot do it (the message says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,6 +27,7 @@ RATE=1gbit
 SIZE_MIB=64
 ITERS=5
 WARMUP=1
+REPEATS=3
 ALGOS=native,hierarchical,ring,multiring
 OUT=benchmarks/results/two_node_veth
 LIMIT=420
@@ -35,6 +38,7 @@ while [[ $# -gt 0 ]]; do
         --size-mib) SIZE_MIB=$2; shift 2 ;;
         --iters) ITERS=$2; shift 2 ;;
         --warmup) WARMUP=$2; shift 2 ;;
+        --repeats) REPEATS=$2; shift 2 ;;
         --algorithms) ALGOS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --limit) LIMIT=$2; shift 2 ;;
@@ -44,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 if [[ $QUICK == 1 ]]; then
-    ITERS=3; WARMUP=1; ALGOS=native,hierarchical; LIMIT=180
+    ITERS=3; WARMUP=1; REPEATS=2; ALGOS=native,hierarchical; LIMIT=180
 fi
 
 if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
@@ -53,7 +57,7 @@ else PY=$(command -v python3); fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 COMMAND="bash benchmarks/two_node_veth.sh --rate $RATE --size-mib $SIZE_MIB --iters $ITERS"
-COMMAND+=" --warmup $WARMUP --algorithms $ALGOS --out $OUT --limit $LIMIT"
+COMMAND+=" --warmup $WARMUP --repeats $REPEATS --algorithms $ALGOS --out $OUT --limit $LIMIT"
 if [[ $QUICK == 1 ]]; then COMMAND+=" --quick"; fi
 DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 echo "command: $COMMAND"
@@ -145,7 +149,8 @@ for spec in "$NS_A $ADDR_A" "$NS_A $ADDR_A" "$NS_B $ADDR_B" "$NS_B $ADDR_B"; do
 done
 wait
 "$PY" benchmarks/veth_summary.py combine "${LOOP_FILES[@]}" >"$OUT/loopback_probe.json"
-echo "loopback probes (4 streams at once): see the summary below"
+"$PY" benchmarks/veth_summary.py reduce >"$OUT/reduce_probe.json"
+echo "probes done: veth, loopback (4 streams at once), reduction; numbers in the summary below"
 
 # --- the benchmark: 2 nodes x 2 ranks under torchrun ------------------------------------------
 SIZES=$((SIZE_MIB << 20))
@@ -155,7 +160,7 @@ run_node() {  # run_node NODE_RANK NS IFNAME
         "$PY" -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --node-rank "$1" \
         --master-addr "$ADDR_A" --master-port "$PORT" \
         "$BENCH" --backend gloo --algorithms "$ALGOS" --sizes "$SIZES" \
-        --iters "$ITERS" --warmup "$WARMUP" --out "$OUT/allreduce.json" \
+        --iters "$ITERS" --warmup "$WARMUP" --repeats "$REPEATS" --out "$OUT/allreduce.json" \
         >"$OUT/node$1.log" 2>&1
 }
 echo "running $BENCH on 2 nodes x 2 ranks (limit ${LIMIT}s; logs in $OUT/node*.log)"
@@ -178,5 +183,6 @@ v = float(m[1]) * {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9}[m[2]]
 print(v * (8 if m[3] == 'bps' else 1))" "$RATE")
 "$PY" benchmarks/veth_summary.py summarize --allreduce "$OUT/allreduce.json" \
     --veth-probe "$OUT/veth_probe.json" --loop-probe "$OUT/loopback_probe.json" \
+    --reduce-probe "$OUT/reduce_probe.json" \
     --rate-bps "$RATE_BPS" --size "$SIZES" --nodes 2 --local-size 2 \
     --command "$COMMAND" --date "$DATE" --out "$OUT/two_node_veth.json"

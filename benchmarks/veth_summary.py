@@ -4,6 +4,7 @@ Usage (the shell script calls these; each is bounded in time):
     python benchmarks/veth_summary.py serve HOST PORT             # TCP sink, answers pings
     python benchmarks/veth_summary.py probe HOST PORT NBYTES      # prints JSON: goodput, latency
     python benchmarks/veth_summary.py combine PROBE.json...       # streams that ran together
+    python benchmarks/veth_summary.py reduce                      # prints JSON: add throughput
     python benchmarks/veth_summary.py summarize --allreduce FILE --rate-bps R --out FILE ...
 
 ``probe`` measures one TCP stream's goodput (bytes/s) and half the round trip of a 1-byte
@@ -153,17 +154,17 @@ def summarize(args: argparse.Namespace) -> int:
         inter_latency=veth["latency_s"],
         inter_bandwidth=veth["goodput_Bps"],
         nics_per_node=1,
-        reduce_bandwidth=reduce_bandwidth(),
-        pair_duplex=False,  # Gloo point-to-point on one group (NOTE [Alpha-beta model] Rule 6)
+        reduce_bandwidth=json.loads(pathlib.Path(args.reduce_probe).read_text())["reduce_Bps"],
+        pair_duplex=True,  # ddl puts each direction of a Gloo pair on its own group
     )
-    duplex = dataclasses.replace(cluster, pair_duplex=True)
+    one_way = dataclasses.replace(cluster, pair_duplex=False)  # NOTE [Alpha-beta model] Rule 6
     rows = []
     for algo in cm.ALGORITHMS:
         if algo not in measured:
             continue
         t = measured[algo]
         pred = cm.allreduce_time(n, algo, cluster)
-        pred_duplex = cm.allreduce_time(n, algo, duplex)
+        pred_one_way = cm.allreduce_time(n, algo, one_way)
         rows.append(
             {
                 "algorithm": algo,
@@ -174,7 +175,7 @@ def summarize(args: argparse.Namespace) -> int:
                 "vs_floor_time": round(t / floor_s, 3),
                 "predicted_s": round(pred, 4),
                 "predicted_busbw_MBps": round(busbw(pred) / 1e6, 1),
-                "predicted_duplex_s": round(pred_duplex, 4),
+                "predicted_one_way_pairs_s": round(pred_one_way, 4),
             }
         )
     print(
@@ -192,19 +193,18 @@ def summarize(args: argparse.Namespace) -> int:
         f"(busbw {busbw(floor_s) / 1e6:.1f} MB/s), {floor_goodput_s:.3f} s at the measured goodput"
     )
     head = f"{'algorithm':<13}{'time s':>8}{'busbw MB/s':>11}{'x native':>9}{'/ floor':>8}"
-    print(head + f"{'model s':>9}{'model MB/s':>11}{'duplex model s':>16}")
+    print(head + f"{'model s':>9}{'model MB/s':>11}{'one-way pairs s':>17}")
     for r in rows:
         print(
             f"{r['algorithm']:<13}{r['time_s']:>8.3f}{r['busbw_MBps']:>11.1f}"
             f"{r['vs_native_busbw']:>9.2f}{r['vs_floor_time']:>8.2f}"
             f"{r['predicted_s']:>9.3f}{r['predicted_busbw_MBps']:>11.1f}"
-            f"{r['predicted_duplex_s']:>16.3f}"
+            f"{r['predicted_one_way_pairs_s']:>17.3f}"
         )
     print(
-        "model s: the cost model with this run's probes, ddl's two-member rings moving one "
-        "direction at a time (NOTE Rule 6, the worst case); duplex model s: both directions at "
-        "once. The measured Gloo one-group pair lies between the two (32 MiB each way took "
-        "1.5-1.95x one way)."
+        "model s: the cost model (ddl.costmodel) with this run's probes; one-way pairs s: the "
+        "same if ddl's two-member rings moved one direction at a time, as Gloo does when both "
+        "directions of a pair share one process group (NOTE [Alpha-beta model] Rule 6)."
     )
     targets = {}
     if "hierarchical" in measured:
@@ -257,12 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("host")
     pr.add_argument("port", type=int)
     pr.add_argument("nbytes", type=int)
+    sub.add_parser("reduce")
     cb = sub.add_parser("combine")
     cb.add_argument("paths", nargs="+", help="probe JSON files of streams that ran together")
     sm = sub.add_parser("summarize")
     sm.add_argument("--allreduce", required=True, help="JSON written by benchmarks/allreduce.py")
     sm.add_argument("--veth-probe", required=True)
     sm.add_argument("--loop-probe", required=True)
+    sm.add_argument("--reduce-probe", required=True, help="JSON written by 'reduce'")
     sm.add_argument("--rate-bps", type=float, required=True, help="tc rate in bits/s")
     sm.add_argument("--size", type=int, default=64 << 20)
     sm.add_argument("--nodes", type=int, default=2)
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.host, args.port)
     if args.cmd == "probe":
         print(json.dumps(probe(args.host, args.port, args.nbytes)))
+        return 0
+    if args.cmd == "reduce":
+        print(json.dumps({"reduce_Bps": reduce_bandwidth()}))
         return 0
     if args.cmd == "combine":
         print(json.dumps(combine(args.paths)))
