@@ -331,6 +331,16 @@ class WeightPaging:
                     f"parameter {name!r} is on {p.device} but LMS manages {device}; "
                     "build the model on the host or on that device before lms.enable"
                 )
+        ids = {id(p) for _, p in named}
+        for mname, module in self.model.named_modules():
+            if getattr(module, "sparse", False) and any(
+                id(p) in ids for p in module.parameters(recurse=False)
+            ):
+                raise LMSError(
+                    f"module {mname!r} makes sparse gradients, which weight paging cannot "
+                    "accumulate on the host; use sparse=False, or raise min_size above its "
+                    "weight so that it stays resident"
+                )
         self._check_host_memory(named)
         created: list[PagedParam] = []
         block = None

@@ -388,6 +388,9 @@ def test_bad_use_gets_clear_errors():
     paged(x, y).backward()
     with pytest.raises(LMSError, match="capturable"):
         opt.step()
+    sparse = nn.Sequential(nn.Embedding(512, 64, sparse=True), nn.Linear(64, 4))
+    with pytest.raises(LMSError, match="sparse"):
+        attach_weight_paging(sparse, runtime())
     paged.wte.weight.data = paged.wte.weight.data.clone()  # replaced behind LMS's back
     with pytest.raises(LMSError, match="replaced"):
         paged(x, y)
