@@ -273,7 +273,8 @@ class GradSync:
         def run() -> None:
             buf = bucket.buffer
             buf.div_(s.world_size)  # NOTE [Bucket lifecycle] rule 4
-            allreduce_flat(buf, "sum", bucket.algorithm, s.rank, s.topology, grp, s.timeout, nccl)
+            alg, down = bucket.algorithm, s.down_for(grp)
+            allreduce_flat(buf, "sum", alg, s.rank, s.topology, grp, s.timeout, nccl, down)
             with torch.no_grad():
                 for k in used:
                     bucket.params[k].grad.copy_(bucket.view(k))

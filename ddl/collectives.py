@@ -144,7 +144,9 @@ def allreduce_async(
             check_same_everywhere(
                 s, _header(_group.current_seq(), flat, shape, op, algorithm), what
             )
-        allreduce_flat(flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl)
+        allreduce_flat(
+            flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl, s.down_for(group)
+        )
         if finish is not None:
             finish()
 

@@ -22,6 +22,11 @@
 # 6. A blocking call that finds nothing queued or running runs in the caller's thread
 #    (still numbered and under the same execution lock), saving the thread hand-off
 #    on small messages; the order is unchanged because nothing else was pending.
+# 7. Gloo gives each pair of ranks one TCP connection per group, and a connection that
+#    carries a large message each way at once ran at about the speed of one direction
+#    on a rate-limited link (two-rank rings do exactly that). So on Gloo, point-to-point
+#    messages to a higher rank use ``cpu`` and messages to a lower rank use ``cpu_down``:
+#    each connection carries one direction, and full-duplex links are used both ways.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class _State:
     timeout: datetime.timedelta
     world: Any  # ddl's group on the job's backend
     cpu: Any  # a Gloo group: headers, host tensors, failure diagnosis
+    cpu_down: Any  # a second Gloo group: point-to-point traffic to lower ranks (rule 7)
     store: Any  # rendezvous store for the "who arrived" diagnosis; may be None
     owns_default_group: bool
     check: bool
@@ -83,6 +89,10 @@ class _State:
     def group_for(self, device: torch.device) -> Any:
         """Host tensors go over Gloo; device tensors over the job's backend."""
         return self.cpu if device.type == "cpu" else self.world
+
+    def down_for(self, group: Any) -> Any:
+        """The group for messages to lower ranks when ``group`` is Gloo (rule 7), else None."""
+        return self.cpu_down if group is self.cpu else None
 
     def stream_for(self, device: torch.device) -> Any:
         """The communication stream of ``device`` (created once), or None on the CPU."""
@@ -218,6 +228,7 @@ def init(
     # Collective in every rank, in the same order (see NOTE [One worker, one order] rule 2).
     world = dist.new_group(backend=the_backend, timeout=td)
     cpu = world if the_backend == "gloo" else dist.new_group(backend="gloo", timeout=td)
+    cpu_down = dist.new_group(backend="gloo", timeout=td)
     if the_backend == "nccl":
         # NCCL wants the first operation on a communicator to involve every rank (a
         # batched send/recv of a ring may not); this also builds the communicator now.
@@ -238,6 +249,7 @@ def init(
         timeout=td,
         world=world,
         cpu=cpu,
+        cpu_down=cpu_down,
         store=store,
         owns_default_group=owns,
         check=bool(check),
@@ -277,7 +289,7 @@ def shutdown() -> None:
         if s.owns_default_group:
             dist.destroy_process_group()
         else:
-            for g in {id(s.world): s.world, id(s.cpu): s.cpu}.values():
+            for g in {id(s.world): s.world, id(s.cpu): s.cpu, id(s.cpu_down): s.cpu_down}.values():
                 dist.destroy_process_group(g)
     except Exception as e:  # a dead peer: nothing left to tear down cleanly
         raise DDLError(f"ddl.shutdown could not destroy its process groups: {e}") from e
