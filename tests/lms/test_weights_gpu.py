@@ -56,29 +56,37 @@ def test_cuda_grads_bitwise_with_paged_weights():
     assert all(p.device.type == "cuda" for p in model.parameters())
 
 
-def test_cuda_training_matches_device_optimizer_closely():
-    # The paged parameters step on the host (CPU fused AdamW), the baseline on the
-    # device (CUDA fused AdamW): the same maths in different kernels, so parameters
-    # agree to a few ulps per step rather than bitwise.
+@pytest.mark.parametrize("kind", ["adamw_one_step", "sgd_momentum"])
+def test_cuda_training_matches_device_optimizer_closely(kind):
+    # The paged parameters step on the host (CPU fused kernels), the baseline on the
+    # device (CUDA fused kernels): the same maths in different kernels, so results
+    # agree to rounding, not bitwise. AdamW is compared after one step: its update
+    # m / sqrt(v) turns rounding-level differences of near-zero gradients into
+    # lr-sized ones later on, in any two implementations. SGD stays linear in them.
     torch.manual_seed(0)
     base = GPT(CFG).cuda()
     paged = copy.deepcopy(base)
     handle = lms.enable(paged, limit=param_bytes(paged) // 8, min_size="64KiB", weights=True)
-    ob = torch.optim.AdamW(base.parameters(), lr=1e-3, fused=True)
-    op = torch.optim.AdamW(paged.parameters(), lr=1e-3, fused=True)
-    for step in range(4):
+    if kind == "adamw_one_step":
+        make, steps = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)), 1
+    else:
+        make, steps = (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)), 4
+    ob, op = make(base.parameters()), make(paged.parameters())
+    for step in range(steps):
         x, y = batch(seed=step)
+        losses = []
         for model, opt in ((base, ob), (paged, op)):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with sdpa_kernel(SDPBackend.MATH):
                 loss = model(x, y)
-            loss.backward()
+                loss.backward()
             opt.step()
             opt.zero_grad()
-            model.last = loss.item()
-        assert abs(base.last - paged.last) < 1e-2 * abs(base.last)
+            losses.append(loss.item())
+        if step == 0:
+            assert losses[0] == losses[1]  # same parameters, same device kernels
     sb, sp = base.state_dict(), paged.state_dict()
     for k in sb:
-        torch.testing.assert_close(sp[k].cuda(), sb[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sp[k].cuda(), sb[k], rtol=1e-5, atol=1e-6)
     handle.remove()
 
 
