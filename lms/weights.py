@@ -53,22 +53,10 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   a shell whose fill was never used. Entering phase HOST synchronizes both copy
 #   streams once, because the host step then reads the accumulators and writes
 #   the masters that in-flight copies may still touch.
-# Rule 7 (the optimizer steps on the host, vectorized). The user's own
-#   ``torch.optim`` optimizer steps the masters in phase HOST; its state is
-#   created on the host next to them and never visits the device. Measured on
-#   this repository's CI machine (2 cores, 32M fp32 params, AdamW): for-loop
-#   0.27 Gparam/s, foreach 0.17, ``fused=True`` 1.42 Gparam/s (the CPU fused
-#   kernel, torch >= 2.4, is the analogue of DeepSpeed's CPU Adam). A device
-#   step would move 28 B per parameter over the link (parameter, gradient and
-#   two moments in; parameter and moments out), about 2-3 Gparam/s at the
-#   ANCHORS' 50 GB/s with both directions overlapped, *and* need device memory
-#   for the working set; the fused host step is in the same range on two cores,
-#   scales with host cores, and costs no link time or device memory. So the step
-#   runs on the host, and LMS warns once when an optimizer steps paged
-#   parameters without ``fused=True``. An optimizer created before
-#   ``lms.enable`` keeps working: it holds the same Parameter objects, and a
-#   global step pre-hook moves any state it already has on the device to the
-#   host (and back on ``remove()``).
+# Rule 7 (the optimizer steps on the host). The user's ``torch.optim`` optimizer
+#   steps the masters in phase HOST; its state lives on the host. Why, measured,
+#   and how optimizers made before ``lms.enable`` keep working: NOTE [Host
+#   optimizer step] in lms/weights_optim.py.
 # Rule 8 (the meeting point with a gradient reducer, e.g. ``ddl.wrap``). lms and
 #   ddl do not import each other. ``handle.defer_grad_offload()`` returns
 #   ``grads_ready(params)``. From then on the post-accumulate-grad hook of a
@@ -104,7 +92,6 @@ from __future__ import annotations
 import enum
 import functools
 import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -119,6 +106,7 @@ from .config import format_bytes
 from .errors import LMSError
 from .pool import HostBlock
 from .transfer import Copy
+from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_plan import OrderTracker, ParamInfo, WeightPlan, plan_weights, prefetch_targets
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
@@ -553,7 +541,7 @@ class WeightPaging:
                     p.grad = grad.to(device, copy=True)
             if to_device:
                 for opt in list(self._optimizers):
-                    self._move_state(opt, to_host=False)
+                    move_state(opt, self._by_param, self._state_home(False), to_host=False)
             for pp in self.paged:
                 self._free_blocks(pp)
             self.paged.clear()
@@ -913,8 +901,7 @@ class WeightPaging:
     # -- optimizer and state_dict --------------------------------------------
 
     def _optimizer_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        mine = [p for g in opt.param_groups for p in g["params"] if id(p) in self._by_param]
-        if not mine:
+        if not any(id(p) in self._by_param for g in opt.param_groups for p in g["params"]):
             return
         with self.rt.lock:
             # A step ends any graph: backward ran (or never will).
@@ -924,48 +911,17 @@ class WeightPaging:
             for handle in self._out_hooks:
                 handle.remove()
             self._out_hooks.clear()
-            for group in opt.param_groups:
-                if group.get("capturable") and any(
-                    id(p) in self._by_param for p in group["params"]
-                ):
-                    raise LMSError(
-                        f"{type(opt).__name__}(capturable=True) cannot step parameters LMS "
-                        "keeps on the host; create the optimizer with capturable=False"
-                    )
-            if opt not in self._optimizers:
-                self._optimizers.add(opt)
-            self._move_state(opt, to_host=True)
-            self._maybe_warn(opt)
+            check_host_step(opt, self._by_param)
+            self._optimizers.add(opt)
+            move_state(opt, self._by_param, self._state_home(True), to_host=True)
+            if opt not in self._warned:
+                self._warned.add(opt)
+                warn_if_unfused(opt, self._by_param)
 
-    def _move_state(self, opt: torch.optim.Optimizer, to_host: bool) -> None:
-        """Move ``opt``'s state of paged parameters to the host (or back to the device)."""
-        for group in opt.param_groups:
-            on_device_scalars = bool(group.get("fused") or group.get("capturable"))
-            for p in group["params"]:
-                pp = self._by_param.get(id(p))
-                state = opt.state.get(p)
-                if pp is None or not state:
-                    continue
-                target = pp.master.device if to_host else self.rt.device
-                for k, v in list(state.items()):
-                    if not isinstance(v, torch.Tensor) or v.device == target:
-                        continue
-                    if not to_host and v.dim() == 0 and not on_device_scalars:
-                        continue  # e.g. Adam's "step" lives on the CPU by design
-                    state[k] = v.to(target)
-
-    def _maybe_warn(self, opt: torch.optim.Optimizer) -> None:
-        if opt in self._warned:
-            return
-        self._warned.add(opt)
-        slow = [g for g in opt.param_groups if "fused" in g and not g.get("fused")]
-        if slow:
-            warnings.warn(
-                f"{type(opt).__name__} steps LMS-paged parameters on the host without "
-                "fused=True; pass fused=True (torch >= 2.4) for the vectorized host kernel "
-                "(about 5x faster than the default on our CPU measurements)",
-                stacklevel=3,
-            )
+    def _state_home(self, to_host: bool) -> Callable[[torch.Tensor], torch.device]:
+        if to_host:
+            return lambda p: self._by_param[id(p)].master.device
+        return lambda p: self.rt.device
 
     def _state_dict_hook(
         self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict
