@@ -113,6 +113,8 @@ def test_peak_device_memory_far_below_parameter_state():
     s = handle.stats()
     assert s.swapped_in_bytes >= 3 * 2 * handle.weights.plan.paged_bytes
     assert allocs[1] == allocs[2]  # steady state: no pinned allocation after the first step
+    for pp in handle.weights.paged:  # optimizer state of paged parameters lives on the host
+        assert opt.state[pp.param]["exp_avg"].device.type == "cpu"
     handle.weights.remove(to_device=False)
     handle.remove()
 
