@@ -8,17 +8,19 @@ faces the same card). Then:
      without LMS, at ``batch x seq`` tokens per micro-batch and ``accum`` micro-batches
      per optimizer step;
   2. train models with about 2x and 4x as many parameters with ``lms.enable(...,
-     weights=True)`` under the same cap and the same tokens per optimizer step. They are
+     weights="auto")`` under the same cap and the same tokens per optimizer step. They are
      built on the host (they do not fit on the device) and use ``--lms-accum``
-     micro-batches per step (default 1: one large micro-batch whose activations LMS
-     swaps, so the weights cross the link once per step instead of once per
-     micro-batch).
+     micro-batches per step (default: half the baseline's, so each micro-batch is twice
+     as large: the paged weights cross the link once per micro-batch, and LMS swaps
+     the activations that do not fit). Model search, limit (``--limit-frac`` of the
+     cap) and micro-batching are the knobs to tune on the GPU; the run prints the
+     optimizer's share of the step and the prefetched / on-demand fills.
 It reports TFLOPS (6 x parameters x tokens / step time), peak device memory and host
 memory for each. Target (issue 4, H100, cap 24 GiB): 4x the parameters at >= 50% of
 the TFLOPS of the largest model that fits without LMS.
 
 Every run uses bf16 autocast and ``torch.optim.AdamW(fused=True)`` (on the host for paged
-parameters: NOTE [Weight paging] Rule 7).
+parameters: NOTE [Host optimizer step] in lms/weights_optim.py).
 
 Usage:
     python benchmarks/model_size.py                  # cap 24 GiB (the issue's target, GPU)
@@ -26,8 +28,8 @@ Usage:
     python benchmarks/model_size.py --quick --device cpu
 
 On the CPU there is no cap to set and no out-of-memory to search with, so the
-baseline is the given ``--n-layer`` and LMS runs with ``limit`` set to the baseline's
-parameter-state bytes: this checks the code paths, not the speed.
+baseline is ``--n-layer`` (default 4) and LMS runs with ``limit`` set to the
+baseline's parameter-state bytes: this checks the code paths, not the speed.
 
 Writes JSON to ``--out`` (with a ``summary`` list for benchmarks/summarize.py) and CSV
 next to it.
@@ -119,6 +121,13 @@ def parse_args(argv=None):
     p.add_argument("--factors", default="2,4", help="parameter multiples to run with LMS")
     p.add_argument("--limit-frac", type=float, default=0.85, help="LMS limit as cap fraction")
     p.add_argument("--min-size", default=None)
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "true"],
+        help="auto: keep as much parameter state resident as half the limit holds "
+        "(NOTE [Weight paging plan] Rule 1); true: page every parameter >= min_size",
+    )
     p.add_argument(
         "--host-limit",
         type=float,
@@ -290,7 +299,7 @@ def search(device, a, steps, warmup):
     return lo
 
 
-def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limit):
+def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limit, weights):
     torch.manual_seed(0)
     model = GPT(config(n_layer, a))  # on the host: it does not fit on the device
     micro = a["batch"] * a["accum"] // accum
@@ -298,7 +307,7 @@ def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limi
         model,
         limit=limit,
         min_size=min_size,
-        weights=True,
+        weights=weights,
         device=device,
         host_limit=host_limit,
     )
@@ -309,6 +318,7 @@ def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limi
         stats = handle.stats()
         r = row("LMS", n_layer, a, times, peak(device), host_rss(), stats)
         r["paged_params"] = len(handle.weights.paged_names) if handle.weights else 0
+        r["paged_gib"] = handle.weights.plan.paged_bytes / GiB if handle.weights else 0.0
         r["prefetched"] = handle.weights.prefetched if handle.weights else 0
         r["on_demand"] = handle.weights.on_demand if handle.weights else 0
         r["lms_accum"] = accum
@@ -336,6 +346,7 @@ def main(argv=None):
     if args.n_layer is not None:
         a["n_layer"] = args.n_layer
     lms_accum = args.lms_accum or max(1, a["accum"] // 2)
+    weights = True if args.weights == "true" else "auto"
     steps, warmup = a["steps"], a["warmup"]
     command = " ".join([os.path.basename(sys.executable), *sys.argv])
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -364,7 +375,9 @@ def main(argv=None):
         limit = 4 * base["params"] * 4  # the baseline's parameter state: a stand-in cap
     for f in (float(x) for x in args.factors.split(",")):
         n = depth_for(f * base["params"], a)
-        r = run_lms(n, device, a, limit, a["min_size"], lms_accum, steps, warmup, args.host_limit)
+        r = run_lms(
+            n, device, a, limit, a["min_size"], lms_accum, steps, warmup, args.host_limit, weights
+        )
         r["factor"] = r["params"] / base["params"]
         r["tflops_vs_base"] = r["tflops"] / base["tflops"]
         rows.append(r)
