@@ -212,6 +212,7 @@ class ActivationSwapper:
                 if t.device == self.device
             }
             self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
+            self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         scope.__enter__()
         self._scopes.append(scope)
