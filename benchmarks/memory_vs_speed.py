@@ -73,6 +73,13 @@ def parse_args(argv=None):
     for name in ("n_layer", "n_embd", "n_head", "vocab", "batch", "seq", "steps", "warmup"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; rows not started by then are skipped (default: 60 with "
+        "--quick, so gpu_check.sh's 90 s limit always gets the results)",
+    )
     return p.parse_args(argv)
 
 
@@ -263,6 +270,21 @@ def main(argv=None):
           f"H2D {bw['h2d'] / 1e9:.1f} GB/s")  # fmt: skip
 
     rows = []
+    t_start = time.perf_counter()
+    budget_s = args.time_budget if args.time_budget is not None else (60 if args.quick else None)
+
+    def guarded(row, measure):
+        """Append ``row`` with ``measure()``'s results; a failure or the time budget is
+        recorded in the row instead of ending the run (the other rows still count)."""
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            rows.append(dict(row, skipped=f"time budget {budget_s:.0f} s spent"))
+            return
+        try:
+            rows.append(dict(row, **measure()))
+        except (RuntimeError, lms.LMSError) as e:  # OOM included
+            rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- no offload: the baseline and the phase times for the floor --
     base = run_steps(model, opt, batch, device, autocast, steps, warmup)
@@ -270,15 +292,17 @@ def main(argv=None):
     unavoidable = allocated(device)  # weights, gradients, optimizer state
     rows.append(dict(strategy="no offload", **base))
 
-    with per_block_checkpointing(model):
-        rows.append(dict(strategy="checkpoint", **run_steps(
-            model, opt, batch, device, autocast, steps, warmup)))  # fmt: skip
+    def checkpointed():
+        with per_block_checkpointing(model):
+            return run_steps(model, opt, batch, device, autocast, steps, warmup)
+
+    guarded(dict(strategy="checkpoint"), checkpointed)
 
     def on_cpu():
         return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
-    rows.append(dict(strategy="save_on_cpu", **run_steps(
-        model, opt, batch, device, autocast, steps, warmup, forward_ctx=on_cpu)))  # fmt: skip
+    guarded(dict(strategy="save_on_cpu"), lambda: run_steps(
+        model, opt, batch, device, autocast, steps, warmup, forward_ctx=on_cpu))  # fmt: skip
 
     # -- LMS sweep --
     if device.type == "cuda":
@@ -293,7 +317,8 @@ def main(argv=None):
     base_min = lms.LMSConfig().min_size if device.type == "cuda" else 0
     sweep = [(lim, base_min, "limit") for lim in limits]
     sweep += [(limits[len(limits) // 2], m, "min_size") for m in min_sizes]
-    for limit, min_size, kind in sweep:
+
+    def with_lms(limit, min_size):
         with lms.enable(model, limit=limit, min_size=min_size, weights=False) as handle:
             # The first steps fill the host pool; reset so the timed steps show steady state.
             run_steps(model, opt, batch, device, autocast, 0, warmup)
@@ -303,13 +328,16 @@ def main(argv=None):
             largest = handle.activations._largest
         out_b, in_b = s.swapped_out_bytes / steps, s.swapped_in_bytes / steps
         fl = floor_s(base, out_b, in_b, bw)
-        rows.append(dict(
-            strategy="lms", sweep=kind, limit=limit, min_size=min_size, **r,
-            out_bytes_per_step=out_b, in_bytes_per_step=in_b, stall_s_per_step=s.stall_s / steps,
-            pinned_allocs_steady=s.pinned_allocs, host_bytes=s.host_bytes,
-            peak_resident_bytes=s.peak_resident_bytes, largest_swappable=largest,
-            floor_s=fl, vs_floor=r["step_s"] / fl,
-        ))  # fmt: skip
+        return dict(
+            r, out_bytes_per_step=out_b, in_bytes_per_step=in_b,
+            stall_s_per_step=s.stall_s / steps, pinned_allocs_steady=s.pinned_allocs,
+            host_bytes=s.host_bytes, peak_resident_bytes=s.peak_resident_bytes,
+            largest_swappable=largest, floor_s=fl, vs_floor=r["step_s"] / fl,
+        )  # fmt: skip
+
+    for limit, min_size, kind in sweep:
+        row = dict(strategy="lms", sweep=kind, limit=limit, min_size=min_size)
+        guarded(row, lambda limit=limit, min_size=min_size: with_lms(limit, min_size))
 
     report(rows, device, bw, base, unavoidable)
     write(args, rows, dict(
@@ -334,14 +362,16 @@ def saved_bytes(model, batch, autocast):
 
 def verdicts(row, rows):
     """The issue's targets for one LMS row, as short strings (honest: MISS when missed)."""
+    if "step_s" not in row:
+        return row.get("error") or row.get("skipped") or ""
     if row["strategy"] != "lms":
         return ""
     out = [f"{'ok' if row['vs_floor'] <= 1.2 else 'MISS'} floor x{row['vs_floor']:.2f}"]
     if row["peak_device_bytes"] is not None and row["limit"] > 0:
         ok = row["peak_device_bytes"] <= row["limit"] + row["largest_swappable"]
         out.append(f"{'ok' if ok else 'MISS'} peak<=limit+largest")
-    if row["limit"] == 0:
-        soc = next(r for r in rows if r["strategy"] == "save_on_cpu")
+    soc = next(r for r in rows if r["strategy"] == "save_on_cpu")
+    if row["limit"] == 0 and "step_s" in soc:
         ratio = row["step_s"] / soc["step_s"]
         out.append(f"{'ok' if ratio <= 0.7 else 'MISS'} x{ratio:.2f} save_on_cpu time")
         if row["peak_device_bytes"] is not None:
@@ -362,6 +392,12 @@ def report(rows, device, bw, base, unavoidable):
     for r in rows:
         lms_row = r["strategy"] == "lms"
         limit_cell = f"{r['limit'] / MiB:.1f}" if lms_row else "-"
+        if "step_s" not in r:  # failed or skipped: say so, in place
+            print(
+                f"{r['strategy']:<12} {limit_cell:>9} {'':>9} {'-':>8} {'-':>8}  "
+                + verdicts(r, rows)
+            )
+            continue
         print(
             f"{r['strategy']:<12} "
             f"{limit_cell:>9} "
@@ -385,8 +421,8 @@ def write(args, rows, meta):
             "strategy": r["strategy"],
             "limit_GiB": round(r["limit"] / GiB, 3) if "limit" in r else None,
             "min_size_KiB": r["min_size"] // 1024 if "min_size" in r else None,
-            "step_s": round(r["step_s"], 4),
-            "peak_GiB": None if r["peak_device_bytes"] is None
+            "step_s": round(r["step_s"], 4) if "step_s" in r else None,
+            "peak_GiB": None if r.get("peak_device_bytes") is None
             else round(r["peak_device_bytes"] / GiB, 2),
             "floor_s": round(r["floor_s"], 4) if "floor_s" in r else None,
             "targets": verdicts(r, rows),
@@ -412,7 +448,8 @@ def write(args, rows, meta):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, marker in (("lms", "o-"), ("no offload", "s"), ("checkpoint", "^"),
                              ("save_on_cpu", "D")):  # fmt: skip
-            pts = [r for r in rows if r["strategy"] == name and r.get("sweep", "limit") == "limit"]
+            pts = [r for r in rows if r["strategy"] == name and "step_s" in r
+                   and r.get("sweep", "limit") == "limit"]  # fmt: skip
             xs = [(r["peak_device_bytes"] if r["peak_device_bytes"] is not None
                    else r.get("peak_resident_bytes", 0)) / GiB for r in pts]  # fmt: skip
             ys = [r["step_s"] for r in pts]
