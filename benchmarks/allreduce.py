@@ -209,7 +209,7 @@ def main() -> int:
             f"{topo.nodes} node(s) x {topo.local_size}, dtype {args.dtype}, "
             f"iters {args.iters}, warmup {args.warmup}"
         )
-        head = f"{'size':>8} {'algorithm':>13} {'time_us':>11} {'algbw_GB/s':>11}"
+        head = f"{'size':>8} {'algorithm':>18} {'time_us':>11} {'algbw_GB/s':>11}"
         print(head + f" {'busbw_GB/s':>11} {'vs_native':>9} {'max_err':>9}")
 
     def timed(alg: str, x, iters: int) -> float:
@@ -275,7 +275,7 @@ def main() -> int:
             rows.append(row)
             if rank == 0:
                 print(
-                    f"{row['size']:>8} {names[alg]:>13} {t * 1e6:>11.1f} {algbw:>11.3f} "
+                    f"{row['size']:>8} {names[alg]:>18} {t * 1e6:>11.1f} {algbw:>11.3f} "
                     f"{busbw:>11.3f} {row['vs_native']:>9.2f} {errors[alg]:>9.2g}",
                     flush=True,
                 )
