@@ -177,6 +177,23 @@ class _GradCopy:
         self.tmp, self.tmp_block = tmp, tmp_block
 
 
+class _Residency:
+    """Per-module residency, computed on demand for ``prefetch_targets``.
+
+    As ``sizes``: bytes a module would still bring in. As ``skip``: whether all of
+    its parameters are resident or in flight.
+    """
+
+    def __init__(self, module_params: list[list[PagedParam]]) -> None:
+        self.module_params = module_params
+
+    def get(self, m: int, default: int = 0) -> int:
+        return sum(pp.nbytes for pp in self.module_params[m] if pp.where is Where.OUT)
+
+    def __contains__(self, m: object) -> bool:
+        return all(pp.where is not Where.OUT for pp in self.module_params[m])  # type: ignore[index]
+
+
 def _typed_view(block: HostBlock, like: torch.Tensor) -> torch.Tensor:
     """The first bytes of ``block`` as a contiguous tensor shaped like ``like``."""
     nbytes = like.numel() * like.element_size()
@@ -669,17 +686,9 @@ class WeightPaging:
     def _prefetch(self, order: list[int], pos: int | None, step: int) -> None:
         if pos is None or not order:
             return
-        resident = {
-            i
-            for i, ps in enumerate(self._module_params)
-            if all(pp.where is not Where.OUT for pp in ps)
-        }
-        sizes = {
-            i: sum(pp.nbytes for pp in ps if pp.where is Where.OUT)
-            for i, ps in enumerate(self._module_params)
-        }
+        view = _Residency(self._module_params)  # asked only about the modules looked at
         free = self.rt.budget.headroom()
-        for m in prefetch_targets(order, pos, step, sizes, free, MAX_AHEAD, resident):
+        for m in prefetch_targets(order, pos, step, view, free, MAX_AHEAD, view):
             for pp in self._module_params[m]:
                 self._fetch(pp)
 

@@ -31,7 +31,7 @@ tested in one process without a device. ``lms/weights.py`` carries the plans out
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import LMSError
@@ -164,7 +164,7 @@ def prefetch_targets(
     sizes: Mapping[int, int],
     free_bytes: int,
     max_ahead: int,
-    skip: frozenset[int] | set[int] = frozenset(),
+    skip: Container[int] = frozenset(),
 ) -> list[int]:
     """Modules to prefetch after the one at ``order[pos]`` (NOTE [Weight paging plan] Rule 4).
 
@@ -177,7 +177,8 @@ def prefetch_targets(
         free_bytes: budget left for prefetching.
         max_ahead: how many modules ahead to look at most.
         skip: modules already resident or in flight; they are passed over
-            without costing budget or lookahead.
+            without costing budget or lookahead. ``sizes`` and ``skip`` are only
+            queried for the modules looked at, so they may compute lazily.
 
     Returns:
         Module ids to prefetch, nearest first, each listed once.
@@ -190,13 +191,13 @@ def prefetch_targets(
     if step not in (1, -1):
         raise LMSError(f"step={step} must be +1 or -1")
     out: list[int] = []
-    seen = set(skip)
+    seen: set[int] = set()
     looked = 0
     i = pos + step
     while 0 <= i < len(order) and looked < max_ahead:
         m = order[i]
         i += step
-        if m in seen:
+        if m in seen or m in skip:
             continue
         seen.add(m)
         looked += 1
