@@ -45,13 +45,15 @@ Example:
 #      fewer for 2 nodes x 2 ranks. What hierarchical saves at scale is latency: 2(g-1) + 2(m-1)
 #      steps instead of 2(mg-1).
 #   7. ddl pipelines "hierarchical": the tensor is cut into P pieces (n // piece_bytes, at least
-#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 8) and piece k's intra-node
-#      reduce-scatter runs while piece k-1 crosses nodes. Each piece pays every latency step.
-#      With T_l and T_x the intra-node and inter-node work of all pieces, and t_rs, t_x, t_ag one
-#      piece's phases, the two kinds of link are each busy for their own work, and the inter link
-#      waits for the first piece's reduce-scatter and is followed by the last piece's all-gather:
-#      time = max(t_rs + T_x + t_ag, T_l + t_x). With P = 1 this is the unpipelined sum; with one
-#      node or one rank per node it is the plain ring.
+#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 64) and piece k's intra-node
+#      reduce-scatter runs while piece k-1 crosses nodes. With T_l and T_x the bytes (and adds)
+#      of all pieces on the intra-node and inter-node links, and t_rs, t_x, t_ag those of one
+#      piece, each kind of link is busy for its own work, and the inter link waits for the first
+#      piece's reduce-scatter and is followed by the last piece's all-gather:
+#      bytes time = max(t_rs + T_x + t_ag, T_l + t_x). The pieces' latency steps overlap (rounds
+#      carry steps of several pieces), each piece starting one reduce-scatter after the previous:
+#      latency = one piece's steps + (P-1) reduce-scatters' steps. With P = 1 this is the
+#      unpipelined sum; with one node or one rank per node and P = 1, the plain ring.
 #   5. "native" is modelled as the backend's ring (Gloo's default allreduce and NCCL's ring are
 #      both rings of rank order) without ddl's per-step dispatch overhead. Algorithms that ddl
 #      drives from Python (ring, multiring, hierarchical) pay ``dispatch_overhead`` per step and
@@ -62,7 +64,8 @@ Example:
 #      at a time there: the pair's bytes add up. Measured with Gloo isend/irecv on one process
 #      group between two namespaces over a 1 Gbit/s veth (benchmarks/two_node_veth.sh, 32 MiB
 #      each way): 0.43-0.57 s on one group, 0.29-0.31 s with the two directions on two groups,
-#      0.28-0.32 s one way alone. Gloo's own allreduce ("native") was full duplex there.
+#      0.28-0.32 s one way alone. Gloo's own allreduce ("native") was full duplex there. ddl
+#      now sends to lower ranks on a second Gloo group, so its pairs are duplex (the default).
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ class Cluster:
     intra_duplex: bool = False  # loopback: both directions are CPU copies
     pair_duplex: bool = True  # see NOTE Rule 6
     pipeline_piece_bytes: int = 4 << 20  # ddl/algorithms.py _PIECE_BYTES
-    pipeline_max_pieces: int = 8  # ddl/algorithms.py _MAX_PIECES; 1 = not pipelined
+    pipeline_max_pieces: int = 64  # ddl/algorithms.py _MAX_PIECES; 1 = not pipelined
 
     def __post_init__(self) -> None:
         for name in (
@@ -276,7 +279,7 @@ def hierarchical_pieces(nbytes: int, cluster: Cluster) -> int:
 
     Example:
         >>> hierarchical_pieces(64 << 20, Cluster())
-        8
+        16
     """
     return max(1, min(cluster.pipeline_max_pieces, nbytes // cluster.pipeline_piece_bytes))
 
@@ -295,9 +298,13 @@ def _hierarchical(nbytes: int, c: Cluster) -> Cost:
         return Cost(0.0, 0.0, 0.0)
     pieces = hierarchical_pieces(nbytes, c)
     rs, x, ag = _hierarchical_phases(nbytes / pieces, c)  # one piece
+    # Bytes: each kind of link carries its own work of all pieces (Rule 7).
     inter_bound = _summed(rs, _scaled(x, pieces), ag)  # the inter-node link's critical path
     intra_bound = _summed(_scaled(rs, pieces), _scaled(ag, pieces), x)  # the intra-node one
-    return max(inter_bound, intra_bound, key=lambda cost: cost.total)
+    bound = max(inter_bound, intra_bound, key=lambda cost: cost.transfer + cost.reduction)
+    # Latency: pieces overlap their steps; each later piece starts one reduce-scatter later.
+    latency = rs.latency + x.latency + ag.latency + (pieces - 1) * rs.latency
+    return Cost(latency, bound.transfer, bound.reduction)
 
 
 def allreduce_cost(nbytes: int, algorithm: str, cluster: Cluster) -> Cost:
@@ -404,9 +411,9 @@ def feasible_algorithms(world_size: int, local_size: int) -> tuple[str, ...]:
 
 
 # Whether ddl's Gloo point-to-point steps move both directions between two ranks at once
-# (NOTE [Alpha-beta model] Rule 6). Measured: not while both directions share one process group.
-# Set True once ddl's rings put each direction of a pair on its own group.
-GLOO_PAIR_DUPLEX = False
+# (NOTE [Alpha-beta model] Rule 6). Not while both directions share one process group; ddl puts
+# messages to lower ranks on a second group (ddl/group.py rule 7), so they do.
+GLOO_PAIR_DUPLEX = True
 
 
 def default_cluster(world_size: int, local_size: int) -> Cluster:
