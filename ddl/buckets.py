@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from . import group as _group
 from .algorithms import allreduce_flat, resolve_algorithm
-from .collectives import broadcast_, check_same_everywhere
+from .collectives import KIND_WRAP, broadcast_, check_same_everywhere
 from .config import WrapConfig
 from .errors import DDLError
 
@@ -285,14 +285,14 @@ class GradSync:
     def _check_layout(self, s: _group._State) -> None:
         sizes = [b.numel for b in self._buckets]
         layout = [(b.numel, str(b.buffer.dtype), b.algorithm) for b in self._buckets]
-        row = [_group.current_seq(), len(sizes), sum(sizes), zlib.crc32(repr(layout).encode())]
+        crc = zlib.crc32(repr(layout).encode())
+        row = [KIND_WRAP, _group.current_seq(), len(sizes), sum(sizes), crc]
         check_same_everywhere(
             s,
             row,
             "ddl.wrap",
-            describe=lambda r: f"{r[1]} buckets, {r[2]} gradient elements",
             advice="every rank must wrap the same model (same parameters, shapes, dtypes, "
-            "bucket_size and algorithm)",
+            "bucket_size and algorithm) at the same point of the program",
         )
 
     def _deliver(self, block: bool) -> None:

@@ -7,7 +7,6 @@ Each collective is async first (see NOTE [One worker, one order] in ``ddl/group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +22,10 @@ __all__ = ["allreduce", "allreduce_async", "broadcast_", "check_same_everywhere"
 
 _MAX_DIMS = 6
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+# Every header has the same length, whatever the operation, so that ranks calling
+# different operations still exchange equal-sized headers and see the difference.
+_HEADER_LEN = 16
+KIND_ALLREDUCE, KIND_WRAP = 1, 2
 
 
 def _header(
@@ -31,6 +34,7 @@ def _header(
     dims = list(shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - min(len(shape), _MAX_DIMS))
     dev = _DEVICE_TYPES.index(t.device.type) if t.device.type in _DEVICE_TYPES else 99
     return [
+        KIND_ALLREDUCE,
         seq,
         t.numel(),
         SUPPORTED_DTYPES.index(t.dtype),
@@ -43,21 +47,28 @@ def _header(
 
 
 def _describe(row: list[int]) -> str:
-    ndim = row[6]
-    dims = row[7 : 7 + min(ndim, _MAX_DIMS)]
+    """Words for a header row (see ``_header`` and ``wrap_header``)."""
+    if row[0] == KIND_WRAP:
+        return f"ddl.wrap of {row[2]} buckets, {row[3]} gradient elements, collective #{row[1]}"
+    if row[0] != KIND_ALLREDUCE:
+        return f"unknown operation {row}"
+    seq, numel, dt, op_i, alg_i, dev_i, ndim = row[1:8]
+    dims = row[8 : 8 + min(ndim, _MAX_DIMS)]
     shape = str(tuple(dims)) if ndim <= _MAX_DIMS else str(tuple(dims))[:-1] + ", ...)"
-    dtype = str(SUPPORTED_DTYPES[row[2]]).replace("torch.", "")
-    op = OPS[row[3]] if row[3] < len(OPS) else "?"
-    alg = CHOICES[row[4]] if row[4] < len(CHOICES) else "?"
-    dev = _DEVICE_TYPES[row[5]] if row[5] < len(_DEVICE_TYPES) else "?"
-    return f"shape {shape} {dtype} on {dev}, op={op!r}, algorithm={alg!r}, collective #{row[0]}"
+    dtype = str(SUPPORTED_DTYPES[dt]).replace("torch.", "")
+    op = OPS[op_i] if op_i < len(OPS) else "?"
+    alg = CHOICES[alg_i] if alg_i < len(CHOICES) else "?"
+    dev = _DEVICE_TYPES[dev_i] if dev_i < len(_DEVICE_TYPES) else "?"
+    return (
+        f"allreduce of shape {shape} {dtype} on {dev}, op={op!r}, algorithm={alg!r}, "
+        f"collective #{seq}"
+    )
 
 
 def check_same_everywhere(
     s: Any,
     row: list[int],
     what: str,
-    describe: Callable[[list[int]], str] = _describe,
     advice: str = "every rank must call the same collectives in the same order with tensors "
     "of the same shape and dtype and the same op and algorithm",
 ) -> None:
@@ -68,14 +79,14 @@ def check_same_everywhere(
 
     Args:
         s: the ddl state.
-        row: this rank's header (same length on every rank).
+        row: this rank's header: ``[kind, seq, ...]``, padded here to a fixed length.
         what: the operation, for the message.
-        describe: turns a header into words for the message.
         advice: what the user should do, appended to the message.
 
     Raises:
         DDLError: the headers differ; the message groups ranks by what they passed.
     """
+    row = list(row) + [0] * (_HEADER_LEN - len(row))
     mine = torch.tensor(row, dtype=torch.int64)
     table = [torch.empty_like(mine) for _ in range(s.world_size)]
     work = dist.all_gather(table, mine, group=s.cpu, async_op=True)
@@ -85,7 +96,7 @@ def check_same_everywhere(
         return
     groups: dict[str, list[int]] = {}
     for rk, r in enumerate(rows):
-        groups.setdefault(describe(r), []).append(rk)
+        groups.setdefault(_describe(r), []).append(rk)
     detail = "; ".join(f"ranks {v}: {k}" for k, v in groups.items())
     raise DDLError(f"{what}: ranks disagree ({detail}); {advice}")
 

@@ -63,6 +63,9 @@ def _misuse():
     expect("wrap_empty", lambda: ddl.wrap(torch.nn.Linear(2, 2).requires_grad_(False)))
     # Different models on different ranks: caught by wrap, before its broadcast.
     expect("wrap_layout", lambda: ddl.wrap(torch.nn.Linear(2, 2 + (r == 0))))
+    # Different operations at the same point: an allreduce meets a wrap.
+    mixed = torch.nn.Linear(2, 2)
+    expect("mixed", lambda: ddl.allreduce(torch.ones(2)) if r == 0 else ddl.wrap(mixed))
     # Still healthy: a normal collective gives the right answer.
     t = torch.full((5,), float(r))
     ddl.allreduce(t, op="sum", algorithm="ring")
@@ -76,7 +79,8 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         msgs = {k: v for k, v in caught.items()}
         assert all(v is not None for v in msgs.values()), msgs
         assert (
-            "ranks [0, 2]: shape (4,)" in msgs["shape"] and "ranks [1]: shape (5,)" in msgs["shape"]
+            "ranks [0, 2]: allreduce of shape (4,)" in msgs["shape"]
+            and "ranks [1]: allreduce of shape (5,)" in msgs["shape"]
         )
         assert "float64" in msgs["dtype"] and "float32" in msgs["dtype"]
         assert "algorithm='ring'" in msgs["algorithm_differs"]
@@ -89,6 +93,7 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         assert "bucket_size" in msgs["wrap_size"]
         assert "no parameters" in msgs["wrap_empty"]
         assert "same model" in msgs["wrap_layout"]
+        assert "ranks [0]: allreduce" in msgs["mixed"] and "ranks [1, 2]: ddl.wrap" in msgs["mixed"]
 
 
 def _dies_or_stalls(mode):
