@@ -148,8 +148,13 @@ class GradSync:
         if not named:
             raise DDLError("ddl.wrap: the model has no parameters that require grad")
         for n, p in named:
-            if p.is_sparse:
-                raise DDLError(f"ddl.wrap: parameter {n!r} is sparse; sparse grads unsupported")
+            g = s.group_for(p.device)
+            if g is s.world and p.device.type != s.device.type:
+                raise DDLError(
+                    f"ddl.wrap: parameter {n!r} is on {p.device}, but the {s.backend} job "
+                    f"reduces {s.device.type} tensors; move the model to {s.device} (or "
+                    "to the CPU, which uses Gloo), or launch with the matching backend"
+                )
         self._config = config
         self._grad_ready = grad_ready
         self._lock = threading.RLock()
@@ -236,6 +241,11 @@ class GradSync:
                 raise DDLError(
                     f"gradient of {self.bucket_names[b][k]!r} arrived twice in one backward; "
                     "ddl.wrap expects one gradient per parameter per backward"
+                )
+            if param.grad.is_sparse:
+                raise DDLError(
+                    f"ddl.wrap: {self.bucket_names[b][k]!r} got a sparse gradient, which "
+                    "buckets cannot hold; use dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
             with torch.no_grad():
                 bucket.view(k).copy_(param.grad)

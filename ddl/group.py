@@ -219,6 +219,10 @@ def init(
         dist.init_process_group(backend=backend, init_method="env://", timeout=td)
         owns = True
     the_backend = str(dist.get_backend())
+    if "nccl" in the_backend:  # also "cpu:gloo,cuda:nccl" style jobs
+        the_backend = "nccl"
+    elif "gloo" in the_backend:
+        the_backend = "gloo"
     r, ws = dist.get_rank(), dist.get_world_size()
     topo = Topology(ws, local_size_from_env(os.environ, ws, local_size))
     device = torch.device("cpu")
