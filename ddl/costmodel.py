@@ -11,6 +11,7 @@ Example:
     'hierarchical'
     >>> round(costmodel.allreduce_time(64 << 20, "native", c), 3)
     0.812
+"""
 
 # NOTE [Alpha-beta model]
 # Units are seconds and bytes. A message of n bytes over one link costs alpha + n * beta, where
@@ -44,16 +45,6 @@ Example:
 #      per step with n/p bytes for 2(p-1) steps): the same for many nodes (both about 2n), 1.5x
 #      fewer for 2 nodes x 2 ranks. What hierarchical saves at scale is latency: 2(g-1) + 2(m-1)
 #      steps instead of 2(mg-1).
-#   7. ddl pipelines "hierarchical": the tensor is cut into P pieces (n // piece_bytes, at least
-#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 64) and piece k's intra-node
-#      reduce-scatter runs while piece k-1 crosses nodes. With T_l and T_x the bytes (and adds)
-#      of all pieces on the intra-node and inter-node links, and t_rs, t_x, t_ag those of one
-#      piece, each kind of link is busy for its own work, and the inter link waits for the first
-#      piece's reduce-scatter and is followed by the last piece's all-gather:
-#      bytes time = max(t_rs + T_x + t_ag, T_l + t_x). The pieces' latency steps overlap (rounds
-#      carry steps of several pieces), each piece starting one reduce-scatter after the previous:
-#      latency = one piece's steps + (P-1) reduce-scatters' steps. With P = 1 this is the
-#      unpipelined sum; with one node or one rank per node and P = 1, the plain ring.
 #   5. "native" is modelled as the backend's ring (Gloo's default allreduce and NCCL's ring are
 #      both rings of rank order) without ddl's per-step dispatch overhead. Algorithms that ddl
 #      drives from Python (ring, multiring, hierarchical) pay ``dispatch_overhead`` per step and
@@ -66,7 +57,16 @@ Example:
 #      each way): 0.43-0.57 s on one group, 0.29-0.31 s with the two directions on two groups,
 #      0.28-0.32 s one way alone. Gloo's own allreduce ("native") was full duplex there. ddl
 #      now sends to lower ranks on a second Gloo group, so its pairs are duplex (the default).
-"""
+#   7. ddl pipelines "hierarchical": the tensor is cut into P pieces (n // piece_bytes, at least
+#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 64) and piece k's intra-node
+#      reduce-scatter runs while piece k-1 crosses nodes. With T_l and T_x the bytes (and adds)
+#      of all pieces on the intra-node and inter-node links, and t_rs, t_x, t_ag those of one
+#      piece, each kind of link is busy for its own work, and the inter link waits for the first
+#      piece's reduce-scatter and is followed by the last piece's all-gather:
+#      bytes time = max(t_rs + T_x + t_ag, T_l + t_x). The pieces' latency steps overlap (rounds
+#      carry steps of several pieces), each piece starting one reduce-scatter after the previous:
+#      latency = one piece's steps + (P-1) reduce-scatters' steps. With P = 1 this is the
+#      unpipelined sum; with one node or one rank per node and P = 1, the plain ring.
 
 from __future__ import annotations
 
