@@ -31,7 +31,10 @@
 #    ``lookahead`` of them (NOTE [Swap policy], Rule 2). An OUTGOING entry in
 #    that window is only marked ``wanted``: it keeps its device copy when its copy
 #    out completes. The compute stream waits on the copy's event, never the host
-#    (NOTE [Copy ordering]).
+#    (NOTE [Copy ordering]). An autograd final callback marks the end of each
+#    backward: finished copies are reaped there, entries still alive
+#    (``retain_graph=True``) are put back under the limit, and the next backward
+#    prefetches from the top again.
 # 7. Threads. Pack runs on the forward thread, unpack on autograd's device
 #    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
 #    hold ``runtime.lock``, inside ``_critical``. A ``_Packed`` can also be freed
@@ -382,6 +385,7 @@ class ActivationSwapper:
             if self.phase is not Phase.BACKWARD:
                 self.phase = Phase.BACKWARD
                 self._cursor = len(self._swapped) - 1
+                self._on_backward_end()
             self._reap()
             if entry.where is Where.HOST:
                 self._fetch(entry)  # not prefetched: on demand
@@ -401,6 +405,27 @@ class ActivationSwapper:
             self._prefetch()
         out = torch.empty(0, dtype=packed.dtype, device=self.device)
         return out.set_(storage, packed.offset, packed.size, packed.stride)
+
+    def _on_backward_end(self) -> None:
+        """Have autograd tell us when this backward ends: finish the copies that can be
+        finished, and start the next backward (``retain_graph``) from the top."""
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        except RuntimeError:
+            pass  # unpacked outside a backward (e.g. reading ``grad_fn._saved_*``)
+
+    def _backward_done(self) -> None:
+        with self._critical():
+            self.phase = Phase.IDLE
+            self._reap()
+            # Entries still alive (``retain_graph=True``) were brought back for this
+            # backward; put the device back under the limit before anything else runs.
+            # Those with a host copy leave for free.
+            need = self.budget.excess()
+            if need > 0:
+                on_device = {**self._resident, **self._returned}
+                for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
+                    self._evict(on_device[key])
 
     def _fetch(self, entry: _Entry) -> None:
         try:

@@ -252,10 +252,14 @@ def test_retain_graph_and_a_second_backward():
     model(x, y).backward()
     want = [p.grad.clone() * 2 for p in model.parameters()]
     model.zero_grad()
-    with lms.enable(model, weights=False, limit=0, min_size=0):
+    with lms.enable(model, weights=False, limit=0, min_size=0) as handle:
         loss = model(x, y)
         loss.backward(retain_graph=True)
+        # Back under the limit between the two backwards: what came back left again.
+        assert handle.stats().resident_bytes == 0
+        swap_ins = handle.stats().swap_ins
         loss.backward()
+        assert handle.stats().swap_ins == 2 * swap_ins
     assert all(torch.equal(a, p.grad) for a, p in zip(want, model.parameters(), strict=True))
 
 
