@@ -90,8 +90,26 @@ def _interop(alg):
     i = torch.full((5,), r + 1, dtype=torch.int64)
     ddl.allreduce(i, algorithm=alg)
     out["int64"] = i.tolist()
+    # A foreign array that only speaks DLPack (the path CuPy takes): no copy, in place.
+    mem = np.full(6, r + 1, dtype=np.float32)
+    foreign = _DLPackOnly(mem)
+    assert ddl.allreduce(foreign, algorithm=alg) is foreign
+    out["dlpack"] = mem.tolist()
     out["p"] = p
     return out
+
+
+class _DLPackOnly:
+    """Exposes an array only through the DLPack protocol, like a CuPy array does."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
 
 
 def _check_interop(res):
@@ -104,6 +122,7 @@ def _check_interop(res):
     expect = torch.arange(20, dtype=torch.float32).reshape(4, 5)[:, ::2] * s
     assert res["torch_strided"] == expect.tolist()
     assert res["int64"] == [s] * 5
+    assert res["dlpack"] == [float(s)] * 6
 
 
 def _async_and_env():
