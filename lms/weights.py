@@ -38,7 +38,11 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   hook releases: AccumulateGrad runs once all uses of the parameter have run,
 #   so no later node of this backward reads it. Frozen parameters and prefetches
 #   that were not used are released when the backward ends.
-# Rule 5 (gradients leave as soon as final). The post-accumulate-grad hook
+# Rule 5 (gradients leave as soon as final). ``.grad`` keeps pointing at the
+#   host accumulator through forward (so ``zero_grad()`` called between forward
+#   and backward clears it, as without LMS); a tensor hook on the parameter moves
+#   it aside just before AccumulateGrad, which then builds a fresh device
+#   gradient. The post-accumulate-grad hook
 #   copies ``.grad`` to host on the d2h stream (straight into the accumulator if
 #   it is empty, else into a pool block that is added to the accumulator once
 #   the copy is done: the same single fp32 add AccumulateGrad would have done,
@@ -155,6 +159,7 @@ class PagedParam:
         self.acc_block: HostBlock | None = None
         self.acc: torch.Tensor | None = None  # host gradient accumulator
         self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
+        self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
 
     def storage(self) -> torch.UntypedStorage:
         return self.shell.untyped_storage()
@@ -421,6 +426,7 @@ class WeightPaging:
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for pp in self.paged:
             if pp.param.requires_grad:
+                h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
                 h.append(pp.param.register_post_accumulate_grad_hook(self._grad_hook))
         h.append(register_optimizer_step_pre_hook(self._optimizer_pre))
 
@@ -503,7 +509,7 @@ class WeightPaging:
                 if pp in self._awaiting:
                     self._awaiting.discard(pp)
                     self._offload_grad(pp)
-                elif self.phase is Phase.DEVICE and p.grad is not None:
+                elif self.phase is Phase.DEVICE and p.grad is not None and p.grad is not pp.acc:
                     # Announced before LMS's own grad hook ran (the reducer's hook came
                     # first), or a parameter unused here that the reducer filled in.
                     if pp.acc_valid:
@@ -587,19 +593,9 @@ class WeightPaging:
                     "(e.g. model.to(), param.data = ..., load_state_dict(assign=True)); "
                     "call handle.remove() first, then enable LMS again"
                 )
-            g = p.grad
-            if g is None:
-                pp.acc_valid = False
-            elif g is not pp.acc:
-                if pp.acc is None or g.shape != p.shape:
-                    raise LMSError(
-                        f"parameter {pp.name!r} got a .grad of shape {tuple(g.shape)} that "
-                        "LMS cannot keep; assign gradients of the parameter's shape"
-                    )
-                with torch.no_grad():
-                    pp.acc.copy_(g)
-                pp.acc_valid = True
-            p.grad = None
+            # ``.grad`` stays what it was (the host accumulator, or None) while the
+            # data points at the shell, so that zero_grad() between forward and
+            # backward still acts on it; _take_grad moves it aside (Rule 5).
             p.data = pp.shell
         self.phase = Phase.DEVICE
         if self._graph_pending:
@@ -618,7 +614,9 @@ class WeightPaging:
         for pp in self.paged:
             p = pp.param
             p.data = pp.master
-            p.grad = pp.acc if pp.acc_valid else None
+            if pp.grad_taken:
+                p.grad = pp.acc if pp.acc_valid else None
+                pp.grad_taken = False
         self.phase = Phase.HOST
 
     def _check_no_awaiting(self, what: str) -> None:
@@ -779,6 +777,36 @@ class WeightPaging:
             if pos is not None:
                 self._bwd_cursor = pos
                 self._prefetch(rec, pos, -1)
+
+    def _take_grad(self, pp: PagedParam, incoming: torch.Tensor) -> None:
+        """Just before AccumulateGrad: move what ``.grad`` holds into the accumulator.
+
+        ``.grad`` is whatever the user left there (Rule 5): the accumulator itself
+        (possibly zeroed in place), None (zero_grad(set_to_none=True)), or a tensor
+        they assigned. AccumulateGrad then starts from None and makes a fresh device
+        gradient, which the grad hook copies out and adds to the accumulator.
+        """
+        with self.rt.lock:
+            p = pp.param
+            g = p.grad
+            if g is None:
+                # A second backward in the same DEVICE phase finds None because LMS
+                # took the gradient before; only a user's zero_grad clears it.
+                pp.acc_valid = pp.acc_valid and pp.grad_taken
+            elif g is not pp.acc:
+                if g.shape != p.shape:
+                    raise LMSError(
+                        f"parameter {pp.name!r} has a .grad of shape {tuple(g.shape)}; "
+                        "assign gradients of the parameter's shape"
+                    )
+                self._reap(block=True)  # earlier adds into acc must land first
+                with torch.no_grad():
+                    pp.acc.copy_(g)
+                pp.acc_valid = True
+            else:
+                pp.acc_valid = True
+            pp.grad_taken = True
+            p.grad = None
 
     def _grad_hook(self, param: torch.Tensor) -> None:
         with self.rt.lock:

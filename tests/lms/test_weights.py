@@ -585,3 +585,22 @@ def test_machine_memory_exhaustion_raises_up_front(monkeypatch):
     with pytest.raises(LMSError, match="available"):
         attach_weight_paging(paged, runtime())
     assert not paged._forward_pre_hooks
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_between_forward_and_backward(set_to_none):
+    # A common loop: loss = model(x); opt.zero_grad(); loss.backward(); opt.step().
+    # zero_grad runs while the parameters point at their device shells, and must
+    # still clear what the host accumulator holds.
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    ob = torch.optim.SGD(base.parameters(), lr=0.1, momentum=0.9)
+    op = torch.optim.SGD(paged.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(3):
+        for model, opt in ((base, ob), (paged, op)):
+            loss = model(x, y)
+            opt.zero_grad(set_to_none=set_to_none)
+            loss.backward()
+            opt.step()
+    assert_same_params(base, paged)
+    handle.remove()
