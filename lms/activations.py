@@ -32,9 +32,7 @@
 #    that window is only marked ``wanted``: it keeps its device copy when its copy
 #    out completes. The compute stream waits on the copy's event, never the host
 #    (NOTE [Copy ordering]). An autograd final callback marks the end of each
-#    backward: finished copies are reaped there, entries still alive
-#    (``retain_graph=True``) are put back under the limit, and the next backward
-#    prefetches from the top again.
+#    (outermost) backward: see ``_track_backward``.
 # 7. Threads. Pack runs on the forward thread, unpack on autograd's device
 #    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
 #    hold ``runtime.lock``, inside ``_critical``. A ``_Packed`` can also be freed
@@ -47,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import itertools
 import sys
 import weakref
@@ -176,6 +175,7 @@ class ActivationSwapper:
         self._largest = 0
         self._busy = False  # inside a critical section (Rule 7)
         self._deferred: list[_Entry] = []  # entries that died while busy
+        self._tasks: set[int] = set()  # autograd graph tasks (backwards) running now
 
     @contextlib.contextmanager
     def _critical(self) -> Iterator[None]:
@@ -382,10 +382,7 @@ class ActivationSwapper:
             return packed
         entry = packed.entry
         with self._critical():
-            if self.phase is not Phase.BACKWARD:
-                self.phase = Phase.BACKWARD
-                self._cursor = len(self._swapped) - 1
-                self._on_backward_end()
+            self._track_backward()
             self._reap()
             if entry.where is Where.HOST:
                 self._fetch(entry)  # not prefetched: on demand
@@ -406,21 +403,39 @@ class ActivationSwapper:
         out = torch.empty(0, dtype=packed.dtype, device=self.device)
         return out.set_(storage, packed.offset, packed.size, packed.stride)
 
-    def _on_backward_end(self) -> None:
-        """Have autograd tell us when this backward ends: finish the copies that can be
-        finished, and start the next backward (``retain_graph``) from the top."""
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-        except RuntimeError:
-            pass  # unpacked outside a backward (e.g. reading ``grad_fn._saved_*``)
+    def _track_backward(self) -> None:
+        """Note the start of a backward, and have autograd tell us when it ends.
 
-    def _backward_done(self) -> None:
+        Backwards nest (reentrant checkpointing runs one inside another): only the
+        end of the outermost one finishes the step. The end is an autograd final
+        callback: finished copies are reaped, entries still alive
+        (``retain_graph=True``) are put back under the limit, and the next
+        backward prefetches from the top again.
+        """
+        task = torch._C._current_graph_task_id()
+        if task == -1:  # unpacked outside a backward (e.g. reading ``grad_fn._saved_*``)
+            if self.phase is not Phase.BACKWARD:
+                self.phase = Phase.BACKWARD
+                self._cursor = len(self._swapped) - 1
+            return
+        if task in self._tasks:
+            return
+        if not self._tasks:
+            self.phase = Phase.BACKWARD
+            self._cursor = len(self._swapped) - 1
+        self._tasks.add(task)
+        done = functools.partial(self._backward_done, task)
+        torch.autograd.Variable._execution_engine.queue_callback(done)
+
+    def _backward_done(self, task: int) -> None:
         with self._critical():
-            self.phase = Phase.IDLE
+            self._tasks.discard(task)
             self._reap()
-            # Entries still alive (``retain_graph=True``) were brought back for this
-            # backward; put the device back under the limit before anything else runs.
-            # Those with a host copy leave for free.
+            if self._tasks:
+                return  # an inner backward ended; the outer one goes on
+            self.phase = Phase.IDLE
+            # Put what retain_graph kept back under the limit before anything else
+            # runs; entries with a host copy leave for free.
             need = self.budget.excess()
             if need > 0:
                 on_device = {**self._resident, **self._returned}
