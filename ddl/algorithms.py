@@ -349,7 +349,18 @@ def allreduce_flat(
         return
     link = _Link(group, timeout, nccl, rank, None if nccl else group_down)
     if algorithm == "native":
-        link.wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True))
+        try:
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        except RuntimeError:
+            if nccl or flat.dtype not in (torch.bfloat16, torch.float16):
+                raise
+            # Older Gloo builds reject 16-bit floats before any message moves (on every
+            # rank alike): reduce a float32 copy and round once at the end instead.
+            wide = flat.float()
+            link.wait(dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=group, async_op=True))
+            flat.copy_(wide.div_(divisor) if divisor is not None else wide)
+            return
+        link.wait(work)
         if divisor is not None:
             flat.div_(divisor)
     elif algorithm == "ring":
