@@ -927,9 +927,10 @@ class WeightPaging:
             self._finish_backward()
 
     def _finish_backward(self) -> None:
-        for handle in self._out_hooks:
-            handle.remove()
-        self._out_hooks.clear()
+        # Another graph built before this backward may still be waiting for its own
+        # (two forwards, two backwards): its pre-backward hooks must stay. Only the
+        # handles of tensors that are gone are dropped.
+        self._out_hooks = [h for h in self._out_hooks if h.hooks_dict_ref() is not None]
         self._kept.clear()
         self._graph_pending = False
         self.tracker.finish_step()

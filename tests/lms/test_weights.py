@@ -604,3 +604,23 @@ def test_zero_grad_between_forward_and_backward(set_to_none):
             opt.step()
     assert_same_params(base, paged)
     handle.remove()
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one_backward", "two_backwards"])
+def test_two_forwards_before_backward(together):
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    data = batches(4)
+    for model in (base, paged):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for (x1, y1), (x2, y2) in zip(data[::2], data[1::2]):
+            l1, l2 = model(x1, y1), model(x2, y2)  # both graphs alive at once
+            if together:
+                (l1 + l2).backward()
+            else:
+                l1.backward()  # ends a backward (host phase) while l2's graph waits
+                l2.backward()
+            opt.step()
+            opt.zero_grad()
+    assert_same_params(base, paged)
+    handle.remove()
