@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "report": report,
         "summary": {
             "steps": args.steps,
+            "first_loss": losses[0],
             "final_loss": losses[-1],
             "median_step_s": sorted(step_times)[len(step_times) // 2],
             **{
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
             },
         },
     }
+    if report.get("peak_device_bytes") and report.get("limit_bytes"):
+        result["summary"]["peak_over_limit"] = report["peak_device_bytes"] / report["limit_bytes"]
     if main_rank:
         print(format_report(handle, device, report))
         if timeline is not None:
