@@ -33,6 +33,7 @@ import contextlib
 import enum
 import functools
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -82,6 +83,10 @@ def plan_buckets(
             cap = bucket_bytes
     buckets.extend(tuple(v) for v in open_.values())
     return tuple(buckets)
+
+
+# Live handles by model, so a second wrap of the same model is refused, not doubled.
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Phase(enum.Enum):
@@ -147,6 +152,12 @@ class GradSync:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise DDLError("ddl.wrap: the model has no parameters that require grad")
+        live = _WRAPPED.get(model)
+        if live is not None and not live._removed:
+            raise DDLError(
+                "ddl.wrap: this model is already wrapped; call remove() on the first handle "
+                "(or use it as a context manager) before wrapping again"
+            )
         for n, p in named:
             g = s.group_for(p.device)
             if g is s.world and p.device.type != s.device.type:
@@ -187,6 +198,7 @@ class GradSync:
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
             for i, p in enumerate(self._params)
         ]
+        _WRAPPED[model] = self
 
     # ---------------------------------------------------------------- public surface
 
@@ -239,8 +251,10 @@ class GradSync:
             bucket = self._buckets[b]
             if bucket.ready[k]:
                 raise DDLError(
-                    f"gradient of {self.bucket_names[b][k]!r} arrived twice in one backward; "
-                    "ddl.wrap expects one gradient per parameter per backward"
+                    f"gradient of {self.bucket_names[b][k]!r} arrived twice in one backward: "
+                    "either an earlier backward was interrupted by an exception before its "
+                    "end (ranks are now out of step: restart the job), or the parameter's "
+                    "gradient is accumulated twice per backward, which ddl.wrap does not support"
                 )
             if param.grad.is_sparse:
                 raise DDLError(

@@ -61,6 +61,10 @@ def _misuse():
     expect("bool", lambda: ddl.allreduce(torch.ones(2, dtype=torch.bool)))
     expect("wrap_size", lambda: ddl.wrap(torch.nn.Linear(2, 2), bucket_size="-3MiB"))
     expect("wrap_empty", lambda: ddl.wrap(torch.nn.Linear(2, 2).requires_grad_(False)))
+    twice = torch.nn.Linear(2, 2)
+    with ddl.wrap(twice):
+        expect("wrap_twice", lambda: ddl.wrap(twice))
+    ddl.wrap(twice).remove()  # fine again once the first handle is removed
     # Different models on different ranks: caught by wrap, before its broadcast.
     expect("wrap_layout", lambda: ddl.wrap(torch.nn.Linear(2, 2 + (r == 0))))
     # Different operations at the same point: an allreduce meets a wrap.
@@ -93,6 +97,7 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         assert "bucket_size" in msgs["wrap_size"]
         assert "no parameters" in msgs["wrap_empty"]
         assert "same model" in msgs["wrap_layout"]
+        assert "already wrapped" in msgs["wrap_twice"]
         assert "ranks [0]: allreduce" in msgs["mixed"] and "ranks [1, 2]: ddl.wrap" in msgs["mixed"]
 
 
