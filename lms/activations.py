@@ -43,14 +43,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import itertools
 import sys
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -130,6 +128,35 @@ class _Packed:
             self.owner._drop(self.entry)
 
 
+class _Section:
+    """The critical section of NOTE [Activation swapping], Rule 7 (a plain class: this
+    runs several times per saved tensor, where ``contextlib`` costs microseconds)."""
+
+    __slots__ = ("owner", "outer")
+
+    def __init__(self, owner: ActivationSwapper) -> None:
+        self.owner = owner
+        self.outer: list[bool] = []  # per nesting level: did it open the section?
+
+    def __enter__(self) -> None:
+        owner = self.owner
+        owner.lock.acquire()
+        self.outer.append(not owner._busy)
+        owner._busy = True
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.owner
+        try:
+            if self.outer.pop():
+                try:
+                    while owner._deferred:
+                        owner._release(owner._deferred.pop())
+                finally:
+                    owner._busy = False
+        finally:
+            owner.lock.release()
+
+
 class ActivationSwapper:
     """Swaps a model's saved activations between device and host under the runtime's budget.
 
@@ -176,23 +203,14 @@ class ActivationSwapper:
         self._busy = False  # inside a critical section (Rule 7)
         self._deferred: list[_Entry] = []  # entries that died while busy
         self._tasks: set[int] = set()  # autograd graph tasks (backwards) running now
+        self._section = _Section(self)
+        # Parameters and buffers, listed once: their storage pointers are re-read
+        # every forward (weight paging may move them), the module tree is not walked.
+        self._owned = [*model.parameters(), *model.buffers()]
 
-    @contextlib.contextmanager
-    def _critical(self) -> Iterator[None]:
+    def _critical(self) -> _Section:
         """Hold the lock; release entries that died meanwhile on the way out (Rule 7)."""
-        with self.lock:
-            if self._busy:  # nested (same thread): the outer section settles
-                yield
-                return
-            self._busy = True
-            try:
-                yield
-            finally:
-                try:
-                    while self._deferred:
-                        self._release(self._deferred.pop())
-                finally:
-                    self._busy = False
+        return self._section
 
     # -- installation -------------------------------------------------------
 
@@ -209,11 +227,7 @@ class ActivationSwapper:
             return
         with self._critical():
             self.phase = Phase.FORWARD
-            self._frozen = {
-                t.untyped_storage().data_ptr()
-                for t in itertools.chain(module.parameters(), module.buffers())
-                if t.device == self.device
-            }
+            self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
             self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -462,6 +476,9 @@ class ActivationSwapper:
         marked ``wanted`` and keeps its device copy when the copy completes, which
         costs no transfer at all.
         """
+
+        if self._cursor < 0:
+            return  # nothing swapped that is not back already
 
         def pending(e: _Entry) -> bool:
             return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
