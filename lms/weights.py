@@ -731,7 +731,9 @@ class WeightPaging:
                         hook = functools.partial(self._pre_backward, idx)
                         self._out_hooks.append(t.register_hook(hook))
                         hooked = True
-            keep = torch.is_grad_enabled() and trainable and not hooked
+            # None: the forward raised (always_call hooks still run) or returned
+            # nothing differentiable; either way no backward will need the weights.
+            keep = torch.is_grad_enabled() and trainable and not hooked and output is not None
             self._graph_pending = self._graph_pending or hooked or keep
             if _autocast_on(self.rt.device.type):
                 # Autocast caches the low-precision cast of every leaf parameter until

@@ -624,3 +624,18 @@ def test_two_forwards_before_backward(together):
             opt.zero_grad()
     assert_same_params(base, paged)
     handle.remove()
+
+
+def test_a_forward_that_raises_leaves_nothing_resident():
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    (x, y), (x2, y2) = batches(2)
+    with pytest.raises(IndexError):
+        paged(torch.full_like(x, 10**6), y)  # token ids out of range
+    assert handle.phase is Phase.HOST
+    assert handle.rt.budget.resident_bytes == 0
+    lb = train(base, torch.optim.SGD(base.parameters(), lr=0.1), [(x2, y2)])
+    lp = train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), [(x2, y2)])
+    assert torch.equal(lb[0], lp[0])
+    assert_same_params(base, paged)
+    handle.remove()
