@@ -71,11 +71,11 @@ FULL = dict(
     min_size="1MiB",
     n_layer=None,
 )
-QUICK_GPU = dict(
-    cap_gib=4.0,
+QUICK_GPU = dict(  # sized for < 90 s on an H100 (estimate): the 4x model is ~0.5B params
+    cap_gib=3.0,
     batch=4,
     seq=512,
-    accum=4,
+    accum=2,
     vocab=8192,
     wpl=128,
     steps=2,
