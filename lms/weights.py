@@ -18,7 +18,8 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   Phase HOST (between steps): ``.data`` is the master and ``.grad`` the host
 #   gradient accumulator. This is what ``optimizer.step()``, ``zero_grad()``,
 #   ``state_dict()`` and ``load_state_dict()`` see. Phase DEVICE (from the first
-#   forward hook to the end of backward): ``.data`` is the shell.
+#   forward hook to the end of backward): ``.data`` is the shell (and ``.grad``
+#   still the host accumulator until backward takes it, Rule 5).
 # Rule 2 (resize the storage, do not re-point). Autograd saves parameters and
 #   views of them (``F.linear`` saves ``weight.t()``). Those views share the
 #   shell's storage object, so resizing it frees their memory after forward and
@@ -32,7 +33,9 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   Prefetching only hides latency (NOTE [Weight paging plan] Rule 3), so a
 #   changed order costs time, never correctness. A module whose outputs carry no
 #   grad cannot get a pre-backward hook; its parameters stay resident until the
-#   backward ends.
+#   backward ends. A weight read outside the forward of a module that owns it
+#   (``x @ self.wte.weight.T`` in a parent) meets an empty storage and fails
+#   loudly; ``register_external_parameter`` declares such a use.
 # Rule 4 (release after use). In forward the post-hook releases (refcounted: a
 #   tied weight is used by two modules). In backward the post-accumulate-grad
 #   hook releases: AccumulateGrad runs once all uses of the parameter have run,
@@ -42,14 +45,14 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   host accumulator through forward (so ``zero_grad()`` called between forward
 #   and backward clears it, as without LMS); a tensor hook on the parameter moves
 #   it aside just before AccumulateGrad, which then builds a fresh device
-#   gradient. The post-accumulate-grad hook
-#   copies ``.grad`` to host on the d2h stream (straight into the accumulator if
-#   it is empty, else into a pool block that is added to the accumulator once
-#   the copy is done: the same single fp32 add AccumulateGrad would have done,
-#   so results are bitwise equal), sets ``.grad = None`` and drops the device
-#   gradient when the copy's event has completed. The host add runs on a
-#   single helper thread (so a large add does not hold up the autograd thread's
-#   kernel launches); entering phase HOST waits for it.
+#   gradient. The post-accumulate-grad hook copies that to host on the d2h
+#   stream (straight into the accumulator if it is empty, else into a pool block
+#   that is added to the accumulator once the copy is done: the same single
+#   fp32 add AccumulateGrad would have done, so results are bitwise equal),
+#   sets ``.grad = None`` and drops the device gradient when the copy's event
+#   has completed. The host add runs on a single helper thread (so a large add
+#   does not hold up the autograd thread's kernel launches); entering phase HOST
+#   waits for it and points ``.grad`` at the accumulator again.
 # Rule 6 (stream ordering, see NOTE [Copy ordering]). Shell storage is resized on
 #   the compute stream, so the caching allocator recycles it in compute order.
 #   A fill waits for the compute stream, runs on the h2d stream and records an
@@ -88,7 +91,8 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   enabled with ``lms.enable(model, device="cuda", ...)``: paged parameters are
 #   copied straight into their masters and never occupy the device whole; the
 #   parameters that stay resident, and the buffers, are moved to the device.
-#   ``remove()`` brings every parameter to the device (which must then fit).
+#   ``remove()`` brings every parameter to the device (which must then fit), or
+#   with ``remove(to_device=False)`` leaves them on the host.
 """
 
 from __future__ import annotations
