@@ -47,10 +47,11 @@ def _parity_table(cases):
         mag = x.double().abs()
         dist.all_reduce(mag)
         got = x.clone()
-        if alg == "hierarchical-pipelined":  # small pieces, so that tests cover the pipeline
+        if alg.endswith("-pipelined"):  # small pieces, so that tests cover the pipeline
             ddl.algorithms._PIECE_BYTES, saved = 1 << 14, ddl.algorithms._PIECE_BYTES
             try:
-                assert ddl.allreduce(got, op=op, algorithm="hierarchical") is got
+                base = alg.removesuffix("-pipelined")
+                assert ddl.allreduce(got, op=op, algorithm=base) is got
             finally:
                 ddl.algorithms._PIECE_BYTES = saved
         else:
@@ -173,7 +174,7 @@ def test_every_algorithm_matches_all_reduce(world_size, local_size):
     else:
         cases = _cases([1, 3, 5, 1023, 65537], ["float32", "float64", "bfloat16"], ALGS)
     cases += _cases([big], ["float32"], ALGS)
-    cases += _cases([65537], ["float32", "bfloat16"], ["hierarchical-pipelined"])
+    cases += _cases([65537], ["float32", "bfloat16"], ["hierarchical-pipelined", "ring-pipelined"])
     if local_size == 1:
         results = run_ranks(_parity_and_interop, world_size, cases, local_size=1)
     else:  # started like torchrun, local size from DDL_LOCAL_SIZE
