@@ -74,7 +74,14 @@ def _ddp_parity(algorithms, steps):
             ref = Net()
             mine = copy.deepcopy(ref)
             ddp = DDP(ref, find_unused_parameters=True, bucket_cap_mb=0.01)
-            handle = ddl.wrap(mine, bucket_size="8KiB", first_bucket_size="2KiB", algorithm=alg)
+            announced = []  # grad_ready calls: each bucket once, in bucket order
+            handle = ddl.wrap(
+                mine,
+                bucket_size="8KiB",
+                first_bucket_size="2KiB",
+                algorithm=alg,
+                grad_ready=lambda ps, seen=announced: seen.append([id(p) for p in ps]),
+            )
             if opt_name == "sgd":
                 opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, mine)]
             else:
@@ -85,6 +92,7 @@ def _ddp_parity(algorithms, steps):
                 use_extra = (rank + step) % 2 == 0
                 for model, opt in zip((ddp, mine), opts):
                     opt.zero_grad()
+                    announced.clear()
                     nn.functional.cross_entropy(model(idx, use_extra), y).backward()
                 gb, ge = _compare(
                     [p.grad for p in ref.parameters()], [p.grad for p in mine.parameters()]
@@ -92,6 +100,19 @@ def _ddp_parity(algorithms, steps):
                 grad_bitwise &= gb
                 grad_err = max(grad_err, ge)
                 assert mine.never.weight.grad is None and ref.never.weight.grad is None
+                # Every parameter that ends with a gradient was announced exactly once,
+                # in bucket order, including those only other ranks used.
+                with_grad = {id(p) for p in mine.parameters() if p.grad is not None}
+                flat = [i for call in announced for i in call]
+                assert sorted(flat) == sorted(with_grad)
+                order = {
+                    id(p): b
+                    for b, names in enumerate(handle.bucket_names)
+                    for p in [dict(mine.named_parameters())[n] for n in names]
+                }
+                assert [order[c[0]] for c in announced if c] == sorted(
+                    order[c[0]] for c in announced if c
+                )
                 n_grads = sum(1 for p in mine.parameters() if p.requires_grad)
                 launched_early |= handle.launch_points[0] < n_grads
                 for opt in opts:
