@@ -189,8 +189,14 @@ def main(argv: list[str] | None = None) -> dict:
         # Reduce paged gradients on the device before LMS moves them to host memory.
         paging = handle is not None and handle.weights is not None
         grad_ready = handle.weights.defer_grad_offload() if paging else None
+        # No broadcast: every rank builds the same weights from --seed (or loads the same
+        # checkpoint), and parameters LMS pages live in host memory, which NCCL cannot reach.
         grad_sync = ddl.wrap(
-            model, bucket_size=args.bucket_size, algorithm=args.algorithm, grad_ready=grad_ready
+            model,
+            bucket_size=args.bucket_size,
+            algorithm=args.algorithm,
+            grad_ready=grad_ready,
+            broadcast=False,
         )
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
