@@ -15,7 +15,9 @@
 #    entry, moved once. Autograd keeps a small ``_Packed`` (entry + view geometry);
 #    unpacking rebuilds the exact view with ``set_``, so values are bitwise equal.
 #    Entries are found again by the storage's data pointer, checked against a weak
-#    reference to the storage so a recycled address is never mistaken for it.
+#    reference to the storage so a recycled address is never mistaken for it, and
+#    against the tensor's version: a storage modified in place since its entry was
+#    made is a new entry (the old one's copy may predate the change).
 # 4. Life of an entry (``Where``): DEVICE -> OUTGOING (copy to host in flight;
 #    the device memory is freed only once the copy's event has completed) -> HOST
 #    -> INCOMING (prefetch in flight) -> BOTH (in use in backward; the host copy
@@ -39,6 +41,14 @@
 #    by the garbage collector in the middle of a critical section of the same
 #    thread (any allocation may run it); its entry is then queued and released
 #    when the section ends, so no state changes under a running loop.
+# 8. Versions. With saved-tensor hooks installed, autograd skips its check that a
+#    saved tensor was not modified in place before backward, so LMS does it:
+#    each ``_Packed`` keeps the version at save time and a weak reference to the
+#    tensor that carries the version counter (the view's base, which every view
+#    keeps alive), and unpacking raises autograd's own error on a mismatch.
+#    Unnoticed: a write autograd cannot see either (through ``.data``), and one
+#    through a ``detach()``-ed alias after every tensor of the saved one's view
+#    family has died (a known gap: the counter cannot be held without its storage).
 """
 
 from __future__ import annotations
@@ -95,11 +105,13 @@ class _Entry:
         "copy",
         "refs",
         "wanted",
+        "version",
     )
 
-    def __init__(self, seq: int, storage: Any, nbytes: int) -> None:
+    def __init__(self, seq: int, storage: Any, nbytes: int, version: int) -> None:
         self.seq = seq
         self.nbytes = nbytes
+        self.version = version  # the saved tensor's version when the entry was made (Rule 3)
         self.ptr = storage.data_ptr()
         self.storage_ref = weakref.ref(storage)
         self.where = Where.DEVICE
@@ -113,7 +125,7 @@ class _Entry:
 class _Packed:
     """What autograd stores in place of a saved tensor: its entry and view geometry."""
 
-    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride")
+    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "anchor")
 
     def __init__(self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor) -> None:
         self.owner = owner
@@ -122,6 +134,23 @@ class _Packed:
         self.offset = t.storage_offset()
         self.size = t.size()
         self.stride = t.stride()
+        # Rule 8: the version counter lives as long as the base of the view family.
+        self.version = t._version
+        self.anchor = weakref.ref(t if t._base is None else t._base)
+
+    def check_version(self) -> None:
+        """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
+        anchor = self.anchor()
+        if anchor is None or anchor._version == self.version:
+            return
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{anchor.type()} {list(self.size)}] is at version "
+            f"{anchor._version}; expected version {self.version} instead. (Detected by LMS: "
+            "saved-tensor hooks switch off autograd's own check.) Hint: enable anomaly "
+            "detection to find the operation that failed to compute its gradient, with "
+            "torch.autograd.set_detect_anomaly(True)."
+        )
 
     def __del__(self) -> None:
         if not sys.is_finalizing():
@@ -265,12 +294,13 @@ class ActivationSwapper:
         ptr = storage.data_ptr()
         if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
             return t
+        version = t._version
         with self._critical():
             entry = self._index.get(ptr)
-            if entry is not None and entry.storage_ref() is storage:
+            if entry is not None and entry.storage_ref() is storage and entry.version == version:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
                 return _Packed(self, entry, t)
-            entry = _Entry(next(self._seq), storage, nbytes)
+            entry = _Entry(next(self._seq), storage, nbytes, version)
             entry.refs = 1
             packed = _Packed(self, entry, t)  # if anything below raises, this frees it
             self._index[ptr] = entry
@@ -394,6 +424,7 @@ class ActivationSwapper:
     def _unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, _Packed):
             return packed
+        packed.check_version()  # Rule 8, before anything changes
         entry = packed.entry
         with self._critical():
             self._track_backward()
