@@ -218,9 +218,9 @@ def summarize(args: argparse.Namespace) -> int:
             "met_vs_floor": h / floor_s <= 1.25,
         }
         print(
-            f"targets: hierarchical busbw = {targets['hierarchical_vs_native_busbw']:.2f}x native "
+            f"targets: hierarchical busbw = {targets['hierarchical_vs_native_busbw']:.3f}x native "
             f"(need >= 1.4: {'met' if targets['met_vs_native'] else 'NOT met'}); time = "
-            f"{targets['hierarchical_vs_floor']:.2f}x the floor (need <= 1.25: "
+            f"{targets['hierarchical_vs_floor']:.3f}x the floor (need <= 1.25: "
             f"{'met' if targets['met_vs_floor'] else 'NOT met'})"
         )
     result = {
