@@ -46,9 +46,10 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   and backward clears it, as without LMS); a tensor hook on the parameter moves
 #   it aside just before AccumulateGrad, which then builds a fresh device
 #   gradient. The post-accumulate-grad hook copies that to host on the d2h
-#   stream (straight into the accumulator if it is empty, else into a pool block
-#   that is added to the accumulator once the copy is done: the same single
-#   fp32 add AccumulateGrad would have done, so results are bitwise equal),
+#   stream (straight into the accumulator if it is empty, else into one of a
+#   small ring of staging blocks, added to the accumulator once the copy is
+#   done: the same single fp32 add AccumulateGrad would have done, so results
+#   are bitwise equal, and no host allocation after the first accumulation),
 #   sets ``.grad = None`` and drops the device gradient when the copy's event
 #   has completed. The host add runs on a single helper thread (so a large add
 #   does not hold up the autograd thread's kernel launches); entering phase HOST
@@ -87,6 +88,17 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   which covers everything autograd saves from a shell; a copy made from a
 #   shell (an autocast cast) is an ordinary activation. ``is_paged_storage(t)``
 #   answers for any other path that needs to ask.
+# Rule 11 (fetch for backward only what backward reads). Backward reads a
+#   weight's values only through what autograd saved (or through a recompute,
+#   which runs forward hooks and fetches). Two common cases save no weight: an
+#   ``nn.Embedding`` lookup (its gradient needs only the indices), and an
+#   ``nn.Linear`` under autocast with fp32 weights (autocast saves its
+#   low-precision cast; lms/activations.py swaps that like any activation). For
+#   those module calls the pre-backward hook fetches nothing, which removes a
+#   third of a transformer's weight traffic under autocast (forward in, grad
+#   out, no backward in). The rule is an allow-list of exact types, decided per
+#   call; if a future torch saved the weight anyway, backward would meet an empty
+#   storage and fail loudly, never compute with stale values.
 # Rule 10 (a model larger than the device). It may be built on the host and
 #   enabled with ``lms.enable(model, device="cuda", ...)``: paged parameters are
 #   copied straight into their masters and never occupy the device whole; the
@@ -124,6 +136,9 @@ __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 # link stays busy through a block's compute. The budget bounds it further. (Not
 # yet tuned on a GPU; benchmarks/model_size.py is where to tune it.)
 MAX_AHEAD = 4
+# Staging blocks for gradients added to their accumulator on the host: enough to
+# keep copies and adds overlapping, allocated once (the largest parameter each).
+STAGING_SLOTS = 4
 # Bytes of optimizer state per parameter byte expected on the host (Adam's two
 # moments); used only to refuse up front what would exhaust host memory.
 HOST_OPTIMIZER_FACTOR = 2
@@ -172,7 +187,7 @@ class PagedParam:
 class _GradCopy:
     """A gradient on its way to host: the device tensor is kept until ``event``."""
 
-    __slots__ = ("pp", "grad", "event", "tmp", "tmp_block")
+    __slots__ = ("pp", "grad", "event", "tmp", "slot")
 
     def __init__(
         self,
@@ -180,10 +195,25 @@ class _GradCopy:
         grad: torch.Tensor,
         event: Any,
         tmp: torch.Tensor | None,
-        tmp_block: HostBlock | None,
+        slot: _Slot | None,
     ) -> None:
         self.pp, self.grad, self.event = pp, grad, event
-        self.tmp, self.tmp_block = tmp, tmp_block
+        self.tmp, self.slot = tmp, slot
+
+
+class _Slot:
+    """A staging block for a gradient that is added to its accumulator on the host.
+
+    Reused in a ring (``STAGING_SLOTS``), so accumulation allocates host memory once
+    and no more: a slot is handed out again only after its copy and its add are done.
+    """
+
+    __slots__ = ("block", "copy", "add")
+
+    def __init__(self, block: HostBlock) -> None:
+        self.block = block
+        self.copy: _GradCopy | None = None  # copy into it, not yet reaped
+        self.add: Future | None = None  # its add on the adder thread
 
 
 class _Residency:
@@ -193,13 +223,18 @@ class _Residency:
     its parameters are resident or in flight.
     """
 
-    def __init__(self, module_params: list[list[PagedParam]]) -> None:
+    def __init__(
+        self, module_params: list[list[PagedParam]], unneeded: frozenset[int] | set[int]
+    ) -> None:
         self.module_params = module_params
+        self.unneeded = unneeded  # modules whose backward reads no weight (Rule 11)
 
     def get(self, m: int, default: int = 0) -> int:
         return sum(pp.nbytes for pp in self.module_params[m] if pp.where is Where.OUT)
 
     def __contains__(self, m: object) -> bool:
+        if m in self.unneeded:
+            return True
         return all(pp.where is not Where.OUT for pp in self.module_params[m])  # type: ignore[index]
 
 
@@ -222,6 +257,23 @@ def _mem_available() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def _backward_reads_weights(module: nn.Module, params: list[PagedParam], device_type: str) -> bool:
+    """Whether a backward through this call of ``module`` may read its paged weights.
+
+    NOTE [Weight paging] Rule 11. Only exact ``nn.Embedding`` (without ``max_norm``)
+    and exact ``nn.Linear`` under autocast with fp32 weights say no; everything else
+    is fetched.
+    """
+    kind = type(module)
+    if kind is nn.Embedding and module.max_norm is None:
+        return False  # the gradient of a lookup needs the indices, not the table
+    if kind is nn.Linear and _autocast_on(device_type):
+        # Autocast runs F.linear in low precision on a cast of the weight; the cast
+        # is what autograd saves, so backward never reads the fp32 weight itself.
+        return any(pp.param.dtype != torch.float32 for pp in params)
+    return True
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -324,6 +376,9 @@ class WeightPaging:
         # when it did (a stall): how well the learned order predicts.
         self.prefetched = 0
         self.on_demand = 0
+        self._no_backward_fetch: set[int] = set()  # Rule 11, from each module's last call
+        self._slots: list[_Slot] = []  # staging ring for host accumulation (Rule 5)
+        self._next_slot = 0
         # Rule 5: host-side accumulation runs here, off the autograd thread, so that
         # a large add does not hold up the kernel launches of the rest of backward.
         # One thread keeps the adds into one accumulator in issue order.
@@ -571,6 +626,9 @@ class WeightPaging:
                     move_state(opt, self._by_param, self._state_home(False), to_host=False)
             for pp in self.paged:
                 self._free_blocks(pp)
+            for slot in self._slots:
+                self.rt.pool.release(slot.block)
+            self._slots.clear()
             self.paged.clear()
             self._by_param.clear()
             self._storage_ptrs.clear()
@@ -688,7 +746,10 @@ class WeightPaging:
     def _prefetch(self, order: list[int], pos: int | None, step: int) -> None:
         if pos is None or not order:
             return
-        view = _Residency(self._module_params)  # asked only about the modules looked at
+        # Asked only about the modules looked at. Looking back (step -1) is for
+        # backward, which does not fetch for modules whose backward reads no weight.
+        unneeded = self._no_backward_fetch if step < 0 else frozenset()
+        view = _Residency(self._module_params, unneeded)
         free = self.rt.budget.headroom()
         for m in prefetch_targets(order, pos, step, view, free, MAX_AHEAD, view):
             for pp in self._module_params[m]:
@@ -728,11 +789,16 @@ class WeightPaging:
             params = self._module_params[idx]
             trainable = any(pp.param.requires_grad for pp in params)
             hooked = False
+            needs = _backward_reads_weights(module, params, self.rt.device.type)
+            if needs:
+                self._no_backward_fetch.discard(idx)
+            else:
+                self._no_backward_fetch.add(idx)
             if torch.is_grad_enabled():
                 # Also for frozen parameters: backward needs them for the input's grad.
                 for t in tree_leaves(output):
                     if isinstance(t, torch.Tensor) and t.requires_grad:
-                        hook = functools.partial(self._pre_backward, idx)
+                        hook = functools.partial(self._pre_backward, idx, needs)
                         self._out_hooks.append(t.register_hook(hook))
                         hooked = True
             # None: the forward raised (always_call hooks still run) or returned
@@ -766,13 +832,14 @@ class WeightPaging:
             self._callback_queued = task
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
-    def _pre_backward(self, idx: int, grad: torch.Tensor) -> None:
+    def _pre_backward(self, idx: int, needs: bool, grad: torch.Tensor) -> None:
         with self.rt.lock:
             self._queue_end()
             self._enter_device()
-            for pp in self._module_params[idx]:
-                self._acquire(pp)
-                pp.held = True
+            if needs:  # Rule 11: else this call's backward reads none of them
+                for pp in self._module_params[idx]:
+                    self._acquire(pp)
+                    pp.held = True
             rec = self.tracker.recording
             cursor = len(rec) if self._bwd_cursor is None else self._bwd_cursor
             pos = None
@@ -862,10 +929,10 @@ class WeightPaging:
         if pp.acc is None:
             raise LMSError(f"parameter {pp.name!r} got a gradient but was frozen at enable")
         tr = self.rt.transfers
-        tmp = tmp_block = None
+        tmp = slot = None
         if pp.acc_valid:
-            tmp_block = self.rt.pool.acquire(pp.nbytes)
-            tmp = _typed_view(tmp_block, p)
+            slot = self._free_slot()
+            tmp = _typed_view(slot.block, p)
             dst = tmp
         else:
             dst = pp.acc
@@ -881,8 +948,26 @@ class WeightPaging:
         self.rt.stats.swap_outs += 1
         self.rt.stats.swapped_out_bytes += pp.nbytes
         p.grad = None
-        self._pending.append(_GradCopy(pp, grad, event, tmp, tmp_block))
+        gc = _GradCopy(pp, grad, event, tmp, slot)
+        if slot is not None:
+            slot.copy = gc
+        self._pending.append(gc)
         self._reap(block=False)
+
+    def _free_slot(self) -> _Slot:
+        """The next staging slot, once its previous copy and add are done."""
+        if not self._slots:
+            size = max(pp.nbytes for pp in self.paged)
+            self._slots = [_Slot(self.rt.pool.acquire(size)) for _ in range(STAGING_SLOTS)]
+        slot = self._slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
+        if slot.copy is not None:
+            self.rt.transfers.block_on(Copy(slot.copy.grad, slot.copy.event))
+            self._reap(block=False)  # submits its add
+        if slot.add is not None:
+            slot.add.result()
+            slot.add = None
+        return slot
 
     def _reap(self, block: bool) -> None:
         """Finish gradient copies that are done (all of them if ``block``)."""
@@ -893,8 +978,10 @@ class WeightPaging:
             elif not gc.event.query():
                 keep.append(gc)
                 continue
-            if gc.tmp is not None:
-                self._adds.append(self._adder.submit(self._add_on_host, gc))
+            if gc.slot is not None:
+                gc.slot.copy = None
+                gc.slot.add = self._adder.submit(self._add_on_host, gc)
+                self._adds.append(gc.slot.add)
             self.rt.budget.release(gc.pp.nbytes, leaving=True)
         self._pending = keep
         if block:
@@ -904,7 +991,6 @@ class WeightPaging:
         """On the adder thread: accumulate one copied gradient (Rule 5)."""
         with torch.no_grad():
             gc.pp.acc.add_(gc.tmp)  # the add AccumulateGrad would have done
-        self.rt.pool.release(gc.tmp_block)
 
     def _drain_adds(self) -> None:
         """Wait for every host accumulation; re-raises the first error."""

@@ -639,3 +639,37 @@ def test_a_forward_that_raises_leaves_nothing_resident():
     assert torch.equal(lb[0], lp[0])
     assert_same_params(base, paged)
     handle.remove()
+
+
+def test_backward_under_autocast_fetches_no_linear_or_embedding_weight():
+    # Rule 11: autocast saves a bf16 cast of each Linear weight and an Embedding's
+    # gradient needs only the indices, so backward reads none of the paged weights
+    # (the LayerNorms are below min_size and stay resident).
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    ((x, y),) = batches(1)
+    stats = handle.rt.stats
+
+    def bytes_in(fn):
+        before = stats.swapped_in_bytes
+        fn()
+        return stats.swapped_in_bytes - before
+
+    def step(model):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        return loss.detach()
+
+    def forward_only():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            paged(x, y)
+
+    assert bytes_in(lambda: step(paged)) == bytes_in(forward_only) > 0
+    paged.zero_grad()
+    assert torch.equal(step(base), step(paged))  # and the gradients are still right
+    for a, b in zip(base.parameters(), paged.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    # Without autocast a Linear's backward needs its weight: those are fetched again.
+    assert bytes_in(lambda: paged(x, y).backward()) > bytes_in(forward_only)
+    handle.remove()
