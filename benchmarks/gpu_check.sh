@@ -34,9 +34,9 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STEPS"
 }
 
-step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests
-step memory_vs_speed 90 $PY benchmarks/memory_vs_speed.py --quick --out "$OUT/memory_vs_speed.json"
-step model_size 90 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
+step gpu_tests 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests
+step memory_vs_speed 80 $PY benchmarks/memory_vs_speed.py --quick --out "$OUT/memory_vs_speed.json"
+step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
 # The example under a limit far below the model's needs (~1.6 GB of fp32 weight and AdamW
 # state for the GPU size); on the CPU a tiny model keeps the step as a check of the script.
 if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -44,7 +44,7 @@ if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
 else
     TRAIN=(--n-layer 2 --n-embd 64 --n-head 4 --seq-len 32 --batch 2 --limit 64KiB)
 fi
-step train_gpt 60 $PY examples/train_gpt.py --steps 20 --min-size 64KiB --no-progress \
+step train_gpt 45 $PY examples/train_gpt.py --steps 20 --min-size 64KiB --no-progress \
     "${TRAIN[@]}" --json "$OUT/train_gpt.json"
 
 $PY benchmarks/summarize.py "$OUT"
