@@ -6,6 +6,7 @@
 #    ``always_call=True`` pops it, so an exception in forward cannot leave it on.
 #    Only training forwards (``module.training``) with grad enabled are touched:
 #    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS.
+#    The stack of open scopes is per thread, like the hooks it pushes.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
 #    at least ``min_size``. Never parameters, views of parameters, buffers, or
 #    leaves that require grad (the user holds those; moving them frees nothing).
@@ -57,6 +58,7 @@ import enum
 import functools
 import itertools
 import sys
+import threading
 import weakref
 from collections import OrderedDict, deque
 from typing import Any
@@ -214,7 +216,10 @@ class ActivationSwapper:
         self.lock = runtime.lock
         self.phase = Phase.IDLE
         self._seq = itertools.count()
-        self._scopes: list[Any] = []  # saved_tensors_hooks contexts (None: untouched forward)
+        # saved_tensors_hooks contexts (None: an untouched forward), one stack per
+        # thread: the hooks they push are thread-local, and forwards of two threads
+        # need not end in the order they began (Rule 1).
+        self._threads = threading.local()
         self._frozen: set[int] = set()  # storage pointers of parameters and buffers
         self._index: dict[int, _Entry] = {}  # storage data_ptr -> live entry
         # Entries on the device, in save order: not yet used in backward (evicted
@@ -250,9 +255,16 @@ class ActivationSwapper:
             self.model.register_forward_hook(self._exit, always_call=True),
         ]
 
+    def _scopes(self) -> list[Any]:
+        scopes = getattr(self._threads, "scopes", None)
+        if scopes is None:
+            scopes = self._threads.scopes = []
+        return scopes
+
     def _enter(self, module: nn.Module, args: Any) -> None:
+        scopes = self._scopes()
         if not (module.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
-            self._scopes.append(None)
+            scopes.append(None)
             return
         with self._critical():
             self.phase = Phase.FORWARD
@@ -261,10 +273,11 @@ class ActivationSwapper:
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         scope.__enter__()
-        self._scopes.append(scope)
+        scopes.append(scope)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        scope = self._scopes.pop() if self._scopes else None
+        scopes = self._scopes()
+        scope = scopes.pop() if scopes else None
         if scope is not None:
             scope.__exit__(None, None, None)
             with self._critical():

@@ -7,6 +7,7 @@ check among them), so LMS has to keep those promises itself.
 """
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -151,4 +152,409 @@ def test_a_storage_saved_again_after_an_inplace_change_uses_the_new_values(limit
         return grads(model)
 
     want, got, _ = parity(SaveModifySave, step, limit)
+    same(want, got)
+
+
+# -- shapes of forward and backward --------------------------------------------
+
+
+class Outputs(nn.Module):
+    """Returns a dict holding a tuple, a view of the input, and two heads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = MLP()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"heads": (torch.tanh(self.a(h)), torch.sigmoid(self.b(h))), "view": x.t()[:3]}
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_dict_and_tuple_outputs_and_backward_through_one_head_then_the_other(limit):
+    def step(model):
+        x = data().requires_grad_()
+        out = model(x)
+        a, b = out["heads"]
+        a.sum().backward(retain_graph=True)  # only part of the graph
+        first = {**grads(model), "x": x.grad.clone()}
+        (b.sum() + out["view"].sum()).backward()
+        return first, {**grads(model), "x": x.grad.clone()}
+
+    (want1, want2), (got1, got2), _ = parity(Outputs, step, limit)
+    same(want1, got1)
+    same(want2, got2)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_autograd_grad_for_some_inputs_then_backward_with_retain_graph(limit):
+    def step(model):
+        x = data().requires_grad_()
+        loss = model(x).pow(2).sum()
+        (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (gw,) = torch.autograd.grad(loss, model.layers[2].weight, retain_graph=True)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return {"gx": gx, "gw": gw, **grads(model)}
+
+    want, got, _ = parity(MLP, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_double_backward_gradient_penalty(limit):
+    def step(model):
+        x = data().requires_grad_()
+        out = model(x).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (out + gx.pow(2).sum()).backward()
+        return grads(model)
+
+    want, got, _ = parity(MLP, step, limit)
+    same(want, got)
+
+
+class GradInsideForward(nn.Module):
+    """A physics-informed style model: its forward differentiates its own output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+    def forward(self, x):
+        x = x.requires_grad_()
+        u = self.net(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        return u.pow(2).mean() + du.pow(2).mean()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_autograd_grad_inside_the_forward(limit):
+    def step(model):
+        model(data()).backward()
+        return grads(model)
+
+    want, got, _ = parity(GradInsideForward, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_several_forwards_then_one_backward_and_a_shared_module_in_a_loop(limit):
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.cell = nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = x
+            for _ in range(4):  # the same weights four times, like an RNN
+                h = torch.tanh(self.cell(h) + x)
+            return h
+
+    def step(model):
+        loss = sum(model(data(seed=s)).sum() for s in range(3))
+        loss.backward()
+        return grads(model)
+
+    want, got, _ = parity(Loop, step, limit)
+    same(want, got)
+
+
+def test_exception_mid_forward_leaves_nothing_and_the_next_step_is_exact():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP()
+            self.fail = False
+
+        def forward(self, x):
+            h = self.net(x)
+            if self.fail:
+                raise ValueError("bad batch")
+            return h
+
+    def step(model):
+        model.fail = True
+        with pytest.raises(ValueError, match="bad batch"):
+            model(data())
+        model.fail = False
+        model(data()).sum().backward()
+        return grads(model)
+
+    for limit in LIMITS:
+        want, got, handle = parity(Flaky, step, limit)
+        same(want, got)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_no_grad_and_eval_forwards_between_training_forward_and_backward(limit):
+    def step(model):
+        out = model(data())
+        with torch.no_grad():
+            model(data(seed=2))
+        model.eval()
+        model(data(seed=3))
+        model.train()
+        out.sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(MLP, step, limit)
+    same(want, got)
+
+
+# -- what gets saved -------------------------------------------------------------
+
+
+class Strided(nn.Module):
+    """Saves transposed, expanded, overlapping, channels_last and sliced tensors."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1).to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = self.lin(x)  # (64, 64)
+        t = h.t() * h.t()  # saves a transposed view twice
+        e = h[:1].expand(64, 64) * h  # saves a stride-0 view
+        o = h.as_strided((32, 16), (2, 1), 5).exp()  # overlapping windows, saved output
+        img = h.reshape(16, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+        c = self.conv(img).flatten(1)[:, ::2]  # channels_last input, strided slice
+        s = torch.sigmoid(h[3:40:3, 1::2])  # a strided slice with an offset
+        return t.sum() + e.sum() + o.sum() + (c * c).sum() + s.pow(3).sum()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_strided_and_overlapping_views(limit):
+    def step(model):
+        model(data()).backward()
+        return grads(model)
+
+    want, got, _ = parity(Strided, step, limit)
+    same(want, got)
+
+
+class Dtypes(nn.Module):
+    """Saves complex, integer and boolean tensors, and a float storage viewed as int."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+        self.emb = nn.Embedding(100, 64)
+
+    def forward(self, x):
+        h = self.lin(x)
+        idx = (h.detach().abs() * 1000).long() % 100  # int64 indices, saved by embedding
+        mask = h.detach() > 0  # bool, saved by where
+        z = torch.complex(h, h.flip(0))  # complex
+        zz = (z * z.conj()).real + torch.view_as_real(z * 1j).sum(-1)
+        bits = h.detach().view(torch.int32) & 0xFFFF  # another dtype's view of a storage
+        g = torch.gather(h, 1, bits.long() % 64)  # saves the int64 index
+        return self.emb(idx).sum() + torch.where(mask, h, -h).sum() + zz.sum() + g.sum()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_complex_integer_and_boolean_saves(limit):
+    def step(model):
+        model(data()).backward()
+        return grads(model)
+
+    want, got, _ = parity(Dtypes, step, limit)
+    same(want, got)
+
+
+class SparseAndNested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.lin(x)
+        sparse = (h.detach() * (h.detach() > 1)).to_sparse()
+        s = torch.sparse.mm(sparse, h)  # saves a sparse tensor
+        nt = torch.nested.nested_tensor([h[:10], h[10:30]], layout=torch.jagged)
+        n = torch.nested.as_nested_tensor([h[:5].sin(), h[5:9].sin()], layout=torch.jagged)
+        return s.sum() + (nt * 2).values().sum() + n.exp().values().sum()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_sparse_and_nested_tensors_are_left_alone(limit):
+    def step(model):
+        model(data()).backward()
+        return grads(model)
+
+    want, got, _ = parity(SparseAndNested, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("limit", [0, 64 * 64 * 4, 64 * 64 * 4 - 1, 64 * 64 * 4 + 1])
+def test_limit_at_a_tensor_size_and_many_tensors_under_min_size(limit):
+    want_model, model = MLP(), MLP()
+    want_model(data()).sum().backward()
+    want = grads(want_model)
+    with lms.enable(model, limit=limit, min_size=0, weights=False) as handle:
+        loss = model(data()).sum()
+        # Forward obeys the limit exactly; backward may add the tensor in use and
+        # one prefetched ahead (lookahead=1), each one (64, 64) float32 storage.
+        assert handle.stats().peak_resident_bytes <= limit
+        loss.backward()
+        assert handle.stats().peak_resident_bytes <= limit + 2 * 64 * 64 * 4
+    same(want, grads(model))
+    # Every storage is under min_size: nothing moves, nothing is charged.
+    model = MLP()
+    with lms.enable(model, limit=limit, min_size="1MiB", weights=False) as h2:
+        model(data()).sum().backward()
+    assert h2.stats().swap_outs == 0 and h2.stats().peak_resident_bytes == 0
+    same(want, grads(model))
+
+
+@pytest.mark.parametrize("lookahead", [0, 1000])
+def test_no_and_huge_lookahead(lookahead):
+    def step(model):
+        model(data()).sum().backward()
+        model(data(seed=5)).sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(lambda: MLP(depth=8), step, 0, lookahead=lookahead)
+    same(want, got)
+
+
+# -- lifetimes, threads, the handle ------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_gc_between_forward_and_backward_and_graphs_in_cycles(limit):
+    class Cyclic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP()
+
+        def forward(self, x):
+            out = self.net(x)
+            holder = {"out": out}
+            holder["self"] = holder  # a reference cycle keeps a graph for the collector
+            return out
+
+    def step(model):
+        for seed in range(3):
+            model(data(seed=seed))  # dropped graphs, freed by the cycle collector later
+        out = model(data())
+        gc.collect()
+        out.sum().backward()
+        gc.collect()
+        return grads(model)
+
+    want, got, _ = parity(Cyclic, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("limit", [0, 48 * 1024])
+def test_two_models_in_two_threads(limit):
+    def train(model, out, seed):
+        for _ in range(3):
+            model.zero_grad()
+            model(data(seed=seed)).sum().backward()
+        out[seed] = grads(model)
+
+    want = {}
+    for seed in (1, 2):
+        train(MLP(depth=6), want, seed)
+    models = [MLP(depth=6), MLP(depth=6)]
+    handles = [lms.enable(m, limit=limit, min_size=0, weights=False) for m in models]
+    got = {}
+    threads = [
+        threading.Thread(target=train, args=(m, got, seed))
+        for m, seed in zip(models, (1, 2), strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in (1, 2):
+        same(want[seed], got[seed])
+    for h in handles:
+        assert h.stats().swap_outs > 0
+        assert_clean_after_step(h)
+        h.remove()
+
+
+def test_one_model_trained_in_one_thread_and_evaluated_in_another():
+    # The forward hooks' scope stack is per thread: forwards of two threads that
+    # overlap out of order (train enters, eval enters, train leaves, eval leaves)
+    # must each close their own scope.
+    train_inside, eval_inside, train_done = (threading.Event() for _ in range(3))
+    trainer = None
+
+    class Pause(nn.Module):
+        def forward(self, x):
+            if threading.current_thread() is trainer:
+                train_inside.set()
+                eval_inside.wait(timeout=30)
+            elif trainer is not None:
+                eval_inside.set()
+                train_done.wait(timeout=30)
+            return x
+
+    model, want_model = MLP(depth=6), MLP(depth=6)
+    model.layers.insert(1, Pause())
+    want_model.layers.insert(1, Pause())
+    want_model(data()).sum().backward()
+    want = grads(want_model)
+    failures = []
+
+    def train():
+        try:
+            out = model(data())
+            train_done.set()
+            out.sum().backward()
+            failures.append(torch._C._autograd._top_saved_tensors_default_hooks(False))
+        except BaseException as e:  # reported below, in the test's thread
+            failures.append(e)
+            train_done.set()
+
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        assert train_inside.wait(timeout=30)
+        with torch.no_grad():
+            model(data(seed=7))  # overlaps the training forward
+        trainer.join()
+        assert failures == [None]  # no exception, and no hooks left on in the trainer
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        assert handle.stats().swap_outs > 0
+    same(want, grads(model))
+
+
+def test_enable_remove_cycles_and_the_context_manager():
+    want_model = MLP()
+    for _ in range(4):
+        want_model(data()).sum().backward()
+    want = grads(want_model)
+    model = MLP()
+    for i in range(4):
+        handle = lms.enable(model, limit=[0, 48 * 1024][i % 2], min_size=0, weights=False)
+        model(data()).sum().backward()
+        handle.remove()
+        with pytest.raises(lms.LMSError, match="already enabled"):
+            with lms.enable(model, weights=False):
+                lms.enable(model, weights=False)
+    same(want, grads(model))
+    assert not model._forward_pre_hooks and "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_dtype_change_after_enable(limit):
+    def step(model):
+        model.double()
+        model(data().double()).sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(MLP, step, limit)
     same(want, got)
