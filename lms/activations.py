@@ -50,6 +50,12 @@
 #    Unnoticed: a write autograd cannot see either (through ``.data``), and one
 #    through a ``detach()``-ed alias after every tensor of the saved one's view
 #    family has died (a known gap: the counter cannot be held without its storage).
+# 9. Storages resized by their owner. FSDP-style code frees a saved tensor's
+#    storage after forward (``resize_(0)``) and refills it before backward, with
+#    no version bump. Such a storage is copied out only while it is still the one
+#    that was saved (same address and size); once resized it is left to its
+#    owner (``Where.OWNED``): uncharged, never copied, used in place in backward,
+#    exactly as without LMS.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Where(enum.Enum):
     HOST = "host"
     INCOMING = "incoming"
     BOTH = "both"
+    OWNED = "owned"  # resized by its owner after it was saved: used in place (Rule 9)
     DEAD = "dead"
 
 
@@ -389,6 +396,13 @@ class ActivationSwapper:
             self._unlist(entry)
             entry.storage = None
             entry.where = Where.HOST
+            self.budget.release(entry.nbytes)
+            return
+        storage = entry.storage
+        if storage.data_ptr() != entry.ptr or storage.nbytes() != entry.nbytes:
+            # Rule 9: resized since it was saved; a copy now would not hold the saved bytes.
+            self._unlist(entry)
+            entry.where = Where.OWNED
             self.budget.release(entry.nbytes)
             return
         block = self.pool.acquire(entry.nbytes)  # may raise LMSError; nothing changed yet

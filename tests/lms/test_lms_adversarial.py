@@ -558,3 +558,42 @@ def test_dtype_change_after_enable(limit):
 
     want, got, _ = parity(MLP, step, limit)
     same(want, got)
+
+
+@pytest.mark.parametrize("limit", [0, 48 * 1024, 96 * 1024])  # 96 KiB: evicted after resize
+def test_storage_resized_by_its_owner_after_save(limit):
+    # FSDP-style: a saved tensor's storage is freed (resized to 0) after forward and
+    # refilled before backward, with no version bump. LMS must never copy it while
+    # it is empty.
+    class Resizes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(64, 64)
+            self.gathered = None
+
+        def forward(self, x):
+            full = self.lin.weight.detach().clone()  # the "gathered" weight
+            y = torch.tanh(self.lin(x) @ full)  # saves full (for the gradient of lin(x))
+            for _ in range(4):  # more saves: the limit evicts older ones after the resize
+                y = torch.tanh(self.lin(y))
+            self.gathered = (full, full.clone())
+            full.untyped_storage().resize_(0)  # "resharded" after use
+            for _ in range(4):
+                y = torch.tanh(self.lin(y))
+            return y
+
+        def regather(self):
+            full, value = self.gathered
+            full.untyped_storage().resize_(value.numel() * 4)
+            with torch.no_grad():
+                torch.empty(0).set_(full.untyped_storage()).copy_(value.flatten())
+
+    def step(model):
+        out = model(data())
+        model.regather()
+        out.sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(Resizes, step, limit)
+    same(want, got)
