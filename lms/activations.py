@@ -6,7 +6,8 @@
 #    ``always_call=True`` pops it, so an exception in forward cannot leave it on.
 #    Only training forwards (``module.training``) with grad enabled are touched:
 #    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS.
-#    The stack of open scopes is per thread, like the hooks it pushes.
+#    The stack of open scopes is per thread, like the hooks it pushes. A copy of
+#    the model (``copy.deepcopy``, pickling) gets inert hooks: LMS is not on it.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
 #    at least ``min_size``. Never parameters, views of parameters, buffers, or
 #    leaves that require grad (the user holds those; moving them frees nothing).
@@ -195,6 +196,34 @@ class _Section:
             owner.lock.release()
 
 
+class _Hook:
+    """A forward hook of the swapper; a copy of it is a no-op (Rule 1).
+
+    ``copy.deepcopy(model)`` (an EMA model, the best checkpoint) and pickling
+    (``torch.save(model)``) copy the model's hook dicts. A bound method would
+    copy the whole swapper with it (locks, host pool, this model's budget);
+    a ``_Hook`` copies to ``_Inert`` instead, so the copy comes without LMS.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple:
+        return (_Inert, ())
+
+
+class _Inert:
+    """A copied ``_Hook``: does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
 class ActivationSwapper:
     """Swaps a model's saved activations between device and host under the runtime's budget.
 
@@ -258,8 +287,8 @@ class ActivationSwapper:
     def install(self) -> list[RemovableHandle]:
         """Register the forward hooks that open and close the scope; returns their handles."""
         return [
-            self.model.register_forward_pre_hook(self._enter),
-            self.model.register_forward_hook(self._exit, always_call=True),
+            self.model.register_forward_pre_hook(_Hook(self._enter)),
+            self.model.register_forward_hook(_Hook(self._exit), always_call=True),
         ]
 
     def _scopes(self) -> list[Any]:

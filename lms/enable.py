@@ -33,6 +33,10 @@ class _GuardedForward:
         self.original = model.forward
         self.runtime = runtime
 
+    def __reduce__(self) -> tuple:
+        # A copied or pickled model gets its plain forward back (LMS is not on a copy).
+        return (_plain_forward, (self.original.__self__,))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return self.original(*args, **kwargs)
@@ -40,6 +44,10 @@ class _GuardedForward:
             if is_oom(e) and not isinstance(e, LMSError):
                 raise self.runtime.oom_error(e, "in the model's forward") from e
             raise
+
+
+def _plain_forward(model: nn.Module) -> Any:
+    return type(model).forward.__get__(model)
 
 
 class _RemoveForwardGuard:
@@ -57,6 +65,8 @@ class LMSHandle:
 
     Use it as a context manager to remove LMS on exit. ``remove`` is idempotent.
     Tensors saved before ``remove`` stay valid: a backward after it still works.
+    A copy of the model (``copy.deepcopy``, pickling) comes without LMS; the
+    handle itself cannot be copied or pickled (it owns hooks and host memory).
 
     Attributes:
         config: the effective config (arguments, then environment overrides).
@@ -113,6 +123,12 @@ class LMSHandle:
         model = self._model()
         if model is not None and _ENABLED.get(model) is self:
             del _ENABLED[model]
+
+    def __reduce__(self) -> tuple:
+        raise TypeError(
+            "an LMSHandle cannot be copied or pickled: it owns one model's hooks and host "
+            "memory; copy the model (the copy comes without LMS) and call lms.enable on it"
+        )
 
     def __enter__(self) -> LMSHandle:
         return self

@@ -6,7 +6,9 @@ tensor hooks switch off some of autograd's own checks (the in-place version
 check among them), so LMS has to keep those promises itself.
 """
 
+import copy
 import gc
+import pickle
 import threading
 
 import pytest
@@ -547,6 +549,26 @@ def test_enable_remove_cycles_and_the_context_manager():
                 lms.enable(model, weights=False)
     same(want, grads(model))
     assert not model._forward_pre_hooks and "forward" not in model.__dict__
+
+
+def test_deepcopy_and_pickle_of_a_model_with_lms_on():
+    model = MLP()
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        twin = copy.deepcopy(model)  # e.g. an EMA model, or the best checkpoint so far
+        blob = pickle.dumps(model)  # torch.save(model) pickles the whole module
+        want = model(data())
+        want.sum().backward()
+        swaps = handle.stats().swap_outs
+        restored = pickle.loads(blob)
+        for other in (twin, restored):
+            out = other(data())  # the copies work, and are not managed by this handle
+            out.sum().backward()
+            assert handle.stats().swap_outs == swaps
+            assert torch.equal(out, want)
+            assert type(other.__dict__.get("forward")).__name__ != "_GuardedForward"
+        with pytest.raises(TypeError):
+            copy.deepcopy(handle)  # the handle owns hooks and host memory: not copied
+        lms.enable(twin, limit=0, min_size=0, weights=False).remove()  # LMS can go on it
 
 
 @pytest.mark.parametrize("limit", LIMITS)
