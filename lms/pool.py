@@ -24,6 +24,9 @@
 #    the RAM) and keeps freed blocks in its own cache, where neither ``trim`` nor
 #    the cap could see them. Registration is undone when the block is freed. If
 #    registering fails, the block falls back to ``pin_memory=True``.
+# 7. Once the pool is closed (``lms`` removed), a released block is freed, not
+#    cached: entries that outlive ``remove()`` (a backward after it) give their
+#    host memory back as they die instead of leaving it in a pool nobody uses.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class HostPool:
         self.in_use_bytes = 0
         self._free: list[tuple[int, int, HostBlock]] = []  # sorted by (capacity, id)
         self._ids = itertools.count()
+        self.closed = False  # rule 7
         self._lock = threading.RLock()  # reentrant: a GC-run finalizer may release a block
 
     def acquire(self, nbytes: int) -> HostBlock:
@@ -142,6 +146,12 @@ class HostPool:
             if event is not None:
                 block.last_event = event
             self.in_use_bytes -= block.capacity
+            if self.closed:  # rule 7: nobody will ask for it again
+                if block.last_event is not None:
+                    block.last_event.synchronize()  # a copy may still use it
+                self.held_bytes -= block.capacity
+                self.stats.host_bytes = self.held_bytes
+                return
             bisect.insort(self._free, (block.capacity, block._id, block))
 
     def trim(self) -> int:
@@ -179,5 +189,7 @@ class HostPool:
         return HostBlock(buf, next(self._ids))
 
     def close(self) -> None:
-        """Drop every cached block (blocks in use are freed when their owners drop them)."""
-        self.trim()
+        """Drop every cached block; blocks in use are freed when released (rule 7)."""
+        with self._lock:
+            self.closed = True
+            self._trim_locked()

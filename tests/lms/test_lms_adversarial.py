@@ -551,6 +551,22 @@ def test_enable_remove_cycles_and_the_context_manager():
     assert not model._forward_pre_hooks and "forward" not in model.__dict__
 
 
+@pytest.mark.parametrize("limit", LIMITS)
+def test_remove_between_forward_and_backward(limit):
+    want_model, model = MLP(depth=6), MLP(depth=6)
+    want_model(data()).sum().backward()
+    want = grads(want_model)
+    handle = lms.enable(model, limit=limit, min_size=0, weights=False)
+    out = model(data())
+    handle.remove()
+    out.sum().backward()
+    same(want, grads(model))
+    gc.collect()
+    assert handle.activations.live_entries() == 0
+    # Blocks released after remove() are freed, not cached in a pool nobody uses.
+    assert handle.runtime.pool.held_bytes == 0
+
+
 def test_deepcopy_and_pickle_of_a_model_with_lms_on():
     model = MLP()
     with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
