@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "\nnotes: native and ring predict the same (both a flat ring, no dispatch overhead "
         "here); with one NIC per node multiring gains only the reverse NVLink direction, "
         "hierarchical mostly latency (2(g-1)+2(m-1) steps instead of 2(p-1)), and ddl's "
-        "pipelining (4 MiB pieces, at most 64) hides its intra-node phases behind the "
+        "pipelining (2 MiB pieces, at most 64) hides its intra-node phases behind the "
         "inter-node rings. The model leaves out stragglers, data loading, framework overhead "
         "and congestion, so it is an upper bound on efficiency."
     )

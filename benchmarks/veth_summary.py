@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import socket
 import sys
@@ -157,6 +158,13 @@ def summarize(args: argparse.Namespace) -> int:
         reduce_bandwidth=json.loads(pathlib.Path(args.reduce_probe).read_text())["reduce_Bps"],
         pair_duplex=True,  # ddl puts each direction of a Gloo pair on its own group
     )
+    piece = os.environ.get("DDL_PIECE_BYTES")  # the run's override, so the model pipelines alike
+    if piece and piece.strip().isdigit():
+        cluster = dataclasses.replace(
+            cluster,
+            pipeline_piece_bytes=max(1, int(piece)),
+            pipeline_max_pieces=cluster.pipeline_max_pieces if int(piece) > 0 else 1,
+        )
     one_way = dataclasses.replace(cluster, pair_duplex=False)  # NOTE [Alpha-beta model] Rule 6
     rows = []
     for algo in cm.ALGORITHMS:

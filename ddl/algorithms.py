@@ -21,17 +21,25 @@ Every function here runs on the communication worker (see NOTE [One worker, one 
 #    lockstep rounds. All ranks build the same generators with the same step counts, so
 #    round t holds matching sends and receives everywhere and nothing can deadlock;
 #    distinct tags per ring keep concurrent messages between one pair apart.
-# 6. "hierarchical" is pipelined: a large tensor is cut into pieces (4 MiB, at most 8),
-#    and piece k starts its node-local reduce-scatter while piece k-1 is on the
-#    inter-node ring, so the slow links stay busy and the node-local phases hide
-#    behind them; only the first piece's reduce-scatter and the last piece's all-gather
-#    are exposed.
+# 6. "hierarchical" is pipelined: a large tensor is cut into pieces (2 MiB on Gloo, 4 MiB
+#    on NCCL; at most 64), and piece k starts its node-local reduce-scatter while piece
+#    k-1 is on the inter-node ring, so the slow links stay busy and the node-local phases
+#    hide behind them; only the first piece's reduce-scatter and the last piece's
+#    all-gather are exposed. A large "ring" on Gloo is cut into 4 MiB pieces (at most 64),
+#    and a "multiring" of 4 MiB or more runs its rings on threads (rule 7). Why the sizes
+#    differ, measured on 2 cores with 2 x 2 ranks and 64 MiB: on the veth of rule 7,
+#    hierarchical took 0.60-0.62 s with 2 MiB pieces, 0.63-0.65 s with 4 MiB and 0.63 s
+#    with 1 MiB (smaller pieces fill the slow link sooner, until their overhead wins),
+#    while ring took the same with 2 or 4 MiB; over loopback alone, where the CPUs and not
+#    a link set the pace, 2 MiB ring pieces were 15-25% slower than 4 MiB (more pieces,
+#    more thread hand-offs). NCCL keeps 4 MiB until a GPU run says otherwise.
+#    DDL_PIECE_BYTES overrides the piece size of both.
 # 7. On Gloo, pieces (of "hierarchical" and of a large "ring") and the rings of a large
 #    "multiring" run on a few threads, each at its own pace, instead of in lockstep
 #    rounds: a round waits for its slowest message, and the additions after it would
 #    leave the slow link idle. Tags are distinct per piece and ring, so any interleaving
 #    pairs up. Measured on the two-namespace veth (1 Gbit/s, 2 x 2 ranks, 64 MiB):
-#    hierarchical 0.70-0.79 s in lockstep, 0.62 s on threads (floor 0.54 s); ring
+#    hierarchical (4 MiB pieces) 0.70-0.79 s in lockstep, 0.62 s on threads (floor 0.54 s); ring
 #    0.92 s -> 0.87 s. On NCCL the lockstep rounds stay (one stream, one issue order).
 """
 
@@ -63,7 +71,8 @@ from .topology import (
 __all__ = ["OPS", "allreduce_flat", "resolve_algorithm"]
 
 OPS: tuple[str, ...] = ("sum", "mean")
-_PIECE_BYTES = 4 << 20  # "hierarchical" pipeline piece (NOTE [Ring mechanics] rule 6)
+_HIER_PIECE_BYTES = 2 << 20  # "hierarchical" pipeline piece on Gloo (NOTE [Ring mechanics] rule 6)
+_PIECE_BYTES = 4 << 20  # the others: "ring" on Gloo, "hierarchical" on NCCL, multiring's threshold
 _MAX_PIECES = 64
 _PIPELINE_WIDTH = 4  # pieces in flight at once on Gloo (NOTE [Ring mechanics] rule 7)
 
@@ -294,12 +303,11 @@ def _run_threads(link: _Link, chains: list[Iterator[_Step]], stagger: int, width
         raise errors[0]
 
 
-def _pieces(nbytes: int) -> int:
-    """How many pipelined pieces "hierarchical" cuts a tensor into (NOTE rule 6).
+def _pieces(nbytes: int, piece: int) -> int:
+    """How many pipelined pieces of about ``piece`` bytes to cut a tensor into (NOTE rule 6).
 
     ``DDL_PIECE_BYTES`` overrides the piece size (a tuning knob; 0 turns pipelining off).
     """
-    piece = _PIECE_BYTES
     raw = os.environ.get("DDL_PIECE_BYTES")
     if raw:
         try:
@@ -366,7 +374,7 @@ def allreduce_flat(
             flat.div_(divisor)
     elif algorithm == "ring":
         order = ring_order(topo)
-        pieces = 1 if link.nccl else _pieces(flat.numel() * flat.element_size())
+        pieces = 1 if link.nccl else _pieces(flat.numel() * flat.element_size(), _PIECE_BYTES)
         if pieces == 1:
             _run(link, [_allreduce_steps(rank, _Ring(order, flat, 0), divisor)])
         else:  # pipelined like hierarchical (NOTE rule 7): adds overlap other pieces' sends
@@ -389,8 +397,9 @@ def allreduce_flat(
         intra, inter = hierarchical_groups(topo)
         node, j = intra[topo.node_of(rank)], topo.local_rank_of(rank)
         chains = []
+        piece = _PIECE_BYTES if link.nccl else _HIER_PIECE_BYTES
         for k, (a, b) in enumerate(
-            chunk_bounds(flat.numel(), _pieces(flat.numel() * flat.element_size()))
+            chunk_bounds(flat.numel(), _pieces(flat.numel() * flat.element_size(), piece))
         ):
             # Piece k: reduce-scatter in the node; shard j (held by local rank j on every
             # node) crosses nodes on its own ring, all local ranks at once; all-gather back.

@@ -58,15 +58,16 @@ Example:
 #      0.28-0.32 s one way alone. Gloo's own allreduce ("native") was full duplex there. ddl
 #      now sends to lower ranks on a second Gloo group, so its pairs are duplex (the default).
 #   7. ddl pipelines "hierarchical": the tensor is cut into P pieces (n // piece_bytes, at least
-#      1, at most max_pieces; ddl/algorithms.py uses 4 MiB and 64) and piece k's intra-node
-#      reduce-scatter runs while piece k-1 crosses nodes. With T_l and T_x the bytes (and adds)
-#      of all pieces on the intra-node and inter-node links, and t_rs, t_x, t_ag those of one
-#      piece, each kind of link is busy for its own work, and the inter link waits for the first
-#      piece's reduce-scatter and is followed by the last piece's all-gather:
-#      bytes time = max(t_rs + T_x + t_ag, T_l + t_x). The pieces' latency steps overlap (rounds
-#      carry steps of several pieces), each piece starting one reduce-scatter after the previous:
-#      latency = one piece's steps + (P-1) reduce-scatters' steps. With P = 1 this is the
-#      unpipelined sum; with one node or one rank per node and P = 1, the plain ring.
+#      1, at most max_pieces; ddl/algorithms.py uses 2 MiB pieces on Gloo, 4 MiB on NCCL, and
+#      at most 64) and piece k's intra-node reduce-scatter runs while piece k-1 crosses nodes.
+#      With T_l and T_x the bytes (and adds) of all pieces on the intra-node and inter-node
+#      links, and t_rs, t_x, t_ag those of one piece, each kind of link is busy for its own
+#      work, and the inter link waits for the first piece's reduce-scatter and is followed by
+#      the last piece's all-gather: bytes time = max(t_rs + T_x + t_ag, T_l + t_x). The
+#      pieces' latency steps overlap (rounds carry steps of several pieces), each piece
+#      starting one reduce-scatter after the previous: latency = one piece's steps + (P-1)
+#      reduce-scatters' steps. With P = 1 this is the unpipelined sum; with one node or one
+#      rank per node and P = 1, the plain ring.
 
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ class Cluster:
     multiring_rings: int = 2
     intra_duplex: bool = False  # loopback: both directions are CPU copies
     pair_duplex: bool = True  # see NOTE Rule 6
-    pipeline_piece_bytes: int = 4 << 20  # ddl/algorithms.py _PIECE_BYTES
+    pipeline_piece_bytes: int = 2 << 20  # ddl/algorithms.py _HIER_PIECE_BYTES (Gloo; NCCL: 4 MiB)
     pipeline_max_pieces: int = 64  # ddl/algorithms.py _MAX_PIECES; 1 = not pipelined
 
     def __post_init__(self) -> None:
@@ -279,7 +280,7 @@ def hierarchical_pieces(nbytes: int, cluster: Cluster) -> int:
 
     Example:
         >>> hierarchical_pieces(64 << 20, Cluster())
-        16
+        32
     """
     return max(1, min(cluster.pipeline_max_pieces, nbytes // cluster.pipeline_piece_bytes))
 

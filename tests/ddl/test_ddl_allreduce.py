@@ -48,12 +48,14 @@ def _parity_table(cases):
         dist.all_reduce(mag)
         got = x.clone()
         if alg.endswith("-pipelined"):  # small pieces, so that tests cover the pipeline
-            ddl.algorithms._PIECE_BYTES, saved = 1 << 14, ddl.algorithms._PIECE_BYTES
+            mod = ddl.algorithms
+            saved = mod._PIECE_BYTES, mod._HIER_PIECE_BYTES
+            mod._PIECE_BYTES = mod._HIER_PIECE_BYTES = 1 << 14
             try:
                 base = alg.removesuffix("-pipelined")
                 assert ddl.allreduce(got, op=op, algorithm=base) is got
             finally:
-                ddl.algorithms._PIECE_BYTES = saved
+                mod._PIECE_BYTES, mod._HIER_PIECE_BYTES = saved
         else:
             assert ddl.allreduce(got, op=op, algorithm=alg) is got
         u = UNIT_ROUNDOFF[dtype]
@@ -168,7 +170,7 @@ def _cases(sizes, dtypes, algs):
     ids=["2 ranks", "3 ranks (not a power of 2)", "2 nodes x 2"],
 )
 def test_every_algorithm_matches_all_reduce(world_size, local_size):
-    big = (1 << 20) + 3  # 4 MiB of float32, not divisible by the world size
+    big = (1 << 20) + 3  # 4 MiB of float32 (2 hierarchical pieces), not divisible by world size
     if world_size == 3:  # the odd world size: a shorter table
         cases = _cases([1, 5, 1023], ["float32", "bfloat16"], ALGS)
     else:
