@@ -938,8 +938,8 @@ class WeightPaging:
             dst = pp.acc
             pp.acc_valid = True
         with torch.profiler.record_function("lms::weights::grad_d2h"):
-            self.rt.budget.charge(pp.nbytes)
-            self.rt.budget.leaving(pp.nbytes)
+            # Sent straight out: never counted as kept (NOTE [Memory budget] Rule 4).
+            self.rt.budget.charge(pp.nbytes, leaving=True)
             tr.d2h.wait_stream(tr.current_stream())
             with tr.mod.stream(tr.d2h):
                 dst.copy_(grad, non_blocking=not tr.is_cpu)
