@@ -6,7 +6,8 @@ Launch with torchrun (one process per rank):
     DDL_LOCAL_SIZE=2 torchrun --nproc-per-node=4 benchmarks/allreduce.py   # 2 "nodes" x 2
 
 Run without torchrun it relaunches itself under ``torch.distributed.run --standalone``
-with ``--nproc`` ranks (default 2), so ``python benchmarks/allreduce.py --quick`` works.
+with ``--ranks`` ranks (default 2), so ``python benchmarks/allreduce.py --quick`` and
+``python benchmarks/allreduce.py --ranks 4 --quick`` work.
 
 Reported per size and algorithm (nccl-tests definitions): time = the slowest rank's mean
 time of one blocking ``ddl.allreduce(x, op="sum")``, median over --repeats rounds in which
@@ -113,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sizes 4KiB..4MiB, 5 iterations, 2 warm-up, 2 repeats: a smoke run in well under 90 s",
     )
-    p.add_argument("--nproc", type=int, default=2, help="ranks when not launched by torchrun")
+    # Not "--nproc": when we relaunch under torchrun, its parser also scans this script's
+    # arguments and rejects "--nproc" as an ambiguous prefix of its own "--nproc-per-node".
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=2,
+        help="ranks to start when not launched by torchrun (default 2; ignored under torchrun)",
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -124,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def relaunch(args: argparse.Namespace) -> int:
-    """Not under torchrun: start ``--nproc`` ranks of this script with torch.distributed.run."""
+    """Not under torchrun: start ``--ranks`` ranks of this script with torch.distributed.run."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc-per-node={args.nproc}",
+        f"--nproc-per-node={args.ranks}",
         os.path.abspath(__file__),
         *sys.argv[1:],
     ]
