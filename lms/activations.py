@@ -303,6 +303,12 @@ class ActivationSwapper:
             scopes.append(None)
             return
         with self._critical():
+            if self._tasks and torch._C._current_graph_task_id() == -1:
+                # A backward that raised never ran its final callback (autograd
+                # skips them on error), and no backward runs around this forward:
+                # end it now, or prefetch would stay off for every later step.
+                self._tasks.clear()
+                self._end_backward()
             self.phase = Phase.FORWARD
             self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
             self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
@@ -511,7 +517,8 @@ class ActivationSwapper:
         end of the outermost one finishes the step. The end is an autograd final
         callback: finished copies are reaped, entries still alive
         (``retain_graph=True``) are put back under the limit, and the next
-        backward prefetches from the top again.
+        backward prefetches from the top again. Autograd skips final callbacks
+        when a backward raises; the next training forward ends such a backward.
         """
         task = torch._C._current_graph_task_id()
         if task == -1:  # unpacked outside a backward (e.g. reading ``grad_fn._saved_*``)
@@ -534,14 +541,17 @@ class ActivationSwapper:
             self._reap()
             if self._tasks:
                 return  # an inner backward ended; the outer one goes on
-            self.phase = Phase.IDLE
-            # Put what retain_graph kept back under the limit before anything else
-            # runs; entries with a host copy leave for free.
-            need = self.budget.excess()
-            if need > 0:
-                on_device = {**self._resident, **self._returned}
-                for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
-                    self._evict(on_device[key])
+            self._end_backward()
+
+    def _end_backward(self) -> None:
+        self.phase = Phase.IDLE
+        # Put what retain_graph kept back under the limit before anything else
+        # runs; entries with a host copy leave for free.
+        need = self.budget.excess()
+        if need > 0:
+            on_device = {**self._resident, **self._returned}
+            for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
+                self._evict(on_device[key])
 
     def _fetch(self, entry: _Entry) -> None:
         try:

@@ -635,3 +635,58 @@ def test_storage_resized_by_its_owner_after_save(limit):
 
     want, got, _ = parity(Resizes, step, limit)
     same(want, got)
+
+
+class FailsInBackward(torch.autograd.Function):
+    fail = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailsInBackward.fail:
+            raise ValueError("backward boom")
+        return grad
+
+
+def test_a_backward_that_raises_midway_does_not_turn_prefetch_off():
+    # Autograd runs no final callback when a backward raises, so LMS never hears
+    # that it ended; the next step must still prefetch, and stay exact.
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = MLP(depth=3), MLP(depth=3)
+
+        def forward(self, x):
+            return self.b(FailsInBackward.apply(self.a(x)))
+
+    def step(model, fail):
+        FailsInBackward.fail = fail
+        try:
+            model(data()).sum().backward()  # b's backward runs, then the failure
+        except ValueError:
+            assert fail
+        finally:
+            FailsInBackward.fail = False
+
+    want_model, model = Split(), Split()
+    for fail in (False, True, False):
+        step(want_model, fail)
+    with lms.enable(model, limit=0, min_size=0, weights=False, lookahead=1) as handle:
+        ahead = []
+        prefetch = handle.activations._prefetch
+
+        def counting_prefetch():
+            before = handle.runtime.stats.swap_ins
+            prefetch()
+            ahead[-1] += handle.runtime.stats.swap_ins - before
+
+        handle.activations._prefetch = counting_prefetch
+        for fail in (False, True, False):
+            ahead.append(0)
+            step(model, fail)
+        assert_clean_after_step(handle)
+    assert ahead[0] > 0 and ahead[2] == ahead[0]  # copies still issued ahead of use
+    same(grads(want_model), grads(model))
