@@ -361,62 +361,92 @@ def main(argv=None):
         cap = int(a["cap_gib"] * GiB)
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     rows = []
-    base_layers = a["n_layer"]
-    if base_layers is None:
-        base_layers = search(device, a, steps, warmup)
-    base = try_baseline(base_layers, device, a, steps, warmup)
-    if base is None:
-        raise SystemExit(f"n_layer={base_layers} does not fit under the cap")
-    rows.append(base)
-    print(f"largest without LMS: {base}", flush=True)
-    if device.type == "cuda":
-        limit = int(args.limit_frac * a["cap_gib"] * GiB)
-    else:
-        limit = 4 * base["params"] * 4  # the baseline's parameter state: a stand-in cap
-    for f in (float(x) for x in args.factors.split(",")):
-        n = depth_for(f * base["params"], a)
-        r = run_lms(
-            n, device, a, limit, a["min_size"], lms_accum, steps, warmup, args.host_limit, weights
-        )
-        r["factor"] = r["params"] / base["params"]
-        r["tflops_vs_base"] = r["tflops"] / base["tflops"]
-        rows.append(r)
-        print(f"LMS {f:g}x: {r}", flush=True)
-
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary = [
-        dict(
-            run=r["kind"],
-            params_M=round(r["params"] / 1e6, 1),
-            x=round(r["params"] / base["params"], 2),
-            step_s=round(r["step_s"], 3),
-            opt_s=round(r["optimizer_s"], 3),
-            tflops=round(r["tflops"], 2),
-            vs_base=round(r["tflops"] / base["tflops"], 3),
-            peak_gib=None if r["peak_device_gib"] is None else round(r["peak_device_gib"], 2),
-            host_gib=round(r["host_rss_gib"], 2),
-        )
-        for r in rows
-    ]
     meta = dict(command=command, device=card, date=date, torch=torch.__version__, settings=a)
-    out.write_text(json.dumps(dict(meta, rows=rows, summary=summary), indent=1))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    out = pathlib.Path(args.out)
+    try:
+        base_layers = a["n_layer"]
+        if base_layers is None:
+            base_layers = search(device, a, steps, warmup)
+        base = try_baseline(base_layers, device, a, steps, warmup)
+        if base is None:
+            raise SystemExit(f"n_layer={base_layers} does not fit under the cap")
+        rows.append(base)
+        write(out, meta, rows)
+        print(f"largest without LMS: {base}", flush=True)
+        if device.type == "cuda":
+            limit = int(args.limit_frac * a["cap_gib"] * GiB)
+        else:
+            limit = 4 * base["params"] * 4  # the baseline's parameter state: a stand-in cap
+        for f in (float(x) for x in args.factors.split(",")):
+            n = depth_for(f * base["params"], a)
+            try:
+                r = run_lms(
+                    n, device, a, limit, a["min_size"], lms_accum, steps, warmup,
+                    args.host_limit, weights,
+                )  # fmt: skip
+            except (RuntimeError, lms.LMSError) as e:
+                # One failed size (an OOM, a host limit) must not lose the other rows.
+                r = dict(kind="LMS", n_layer=n, params=config(n, a).num_params(),
+                         error=f"{type(e).__name__}: {str(e)[:300]}")  # fmt: skip
+                free(device)
+            else:
+                r["tflops_vs_base"] = r["tflops"] / base["tflops"]
+            r["factor"] = r["params"] / base["params"]
+            rows.append(r)
+            write(out, meta, rows)
+            print(f"LMS {f:g}x: {r}", flush=True)
+    except KeyboardInterrupt:
+        # gpu_check.sh's time limit sends SIGINT: keep what was measured so far.
+        write(out, meta, rows, note="interrupted (time limit)")
+        print(f"interrupted: wrote the {len(rows)} finished rows to {out}", flush=True)
+        raise SystemExit(130) from None
+
+    summary = write(out, meta, rows)
     print("\nrun     params(M)  x     step(s)  opt(s)  TFLOPS  vs base  peak(GiB)  host(GiB)")
     for s in summary:
+        if "error" in s:
+            print(f"{s['run']:<7} {s['params_M']:>9} {s['x']:>5}  {s['error']}")
+            continue
         print(
             f"{s['run']:<7} {s['params_M']:>9} {s['x']:>5} {s['step_s']:>8} {s['opt_s']:>7} "
             f"{s['tflops']:>7} {s['vs_base']:>8} {s['peak_gib']!s:>10} {s['host_gib']:>9}"
         )
     four = [r for r in rows[1:] if r["factor"] >= 3.5]
     if four and device.type == "cuda":
-        ok = four[-1]["tflops_vs_base"] >= 0.5
+        ok = "tflops_vs_base" in four[-1] and four[-1]["tflops_vs_base"] >= 0.5
         print(f"target (4x params at >= 50% of base TFLOPS): {'met' if ok else 'missed'}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def write(out, meta, rows, note=None):
+    """Write the JSON (with a ``summary`` for benchmarks/summarize.py) and the CSV; returns
+    the summary. Called after every row, so a run stopped by a time limit keeps its rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = rows[0] if rows else None
+    summary = []
+    for r in rows:
+        s = dict(run=r["kind"], params_M=round(r["params"] / 1e6, 1),
+                 x=round(r["params"] / base["params"], 2))  # fmt: skip
+        if "error" in r:
+            s["error"] = r["error"][:120]
+        else:
+            s.update(
+                step_s=round(r["step_s"], 3),
+                opt_s=round(r["optimizer_s"], 3),
+                tflops=round(r["tflops"], 2),
+                vs_base=round(r["tflops"] / base["tflops"], 3),
+                peak_gib=None if r["peak_device_gib"] is None else round(r["peak_device_gib"], 2),
+                host_gib=round(r["host_rss_gib"], 2),
+            )
+        summary.append(s)
+    extra = {} if note is None else dict(note=note)
+    out.write_text(json.dumps(dict(meta, **extra, rows=rows, summary=summary), indent=1))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return summary
 
 
 if __name__ == "__main__":
