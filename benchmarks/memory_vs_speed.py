@@ -286,10 +286,28 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    meta = dict(command=command, device=card, date=date, torch=torch.__version__, model=cfg,
+                bf16=use_bf16, bandwidth_Bps=bw)  # fmt: skip
+    try:
+        measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarded,
+                    fractions, min_sizes, bw, meta)  # fmt: skip
+    except KeyboardInterrupt:
+        # gpu_check.sh's time limit sends SIGINT: keep the rows measured so far.
+        write(args, rows, dict(meta, note="interrupted (time limit)"))
+        print(f"interrupted: wrote the {len(rows)} finished rows", flush=True)
+        raise SystemExit(130) from None
+    report(rows, device, bw, rows[0], meta["unavoidable_bytes"])
+    write(args, rows, meta)
+
+
+def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarded, fractions,
+                min_sizes, bw, meta):  # fmt: skip
+    """The baselines, then the LMS sweep; appends to ``rows`` as it goes."""
     # -- no offload: the baseline and the phase times for the floor --
     base = run_steps(model, opt, batch, device, autocast, steps, warmup)
     sync(device)
     unavoidable = allocated(device)  # weights, gradients, optimizer state
+    meta["unavoidable_bytes"] = unavoidable
     rows.append(dict(strategy="no offload", **base))
 
     def checkpointed():
@@ -339,12 +357,6 @@ def main(argv=None):
         row = dict(strategy="lms", sweep=kind, limit=limit, min_size=min_size)
         guarded(row, lambda limit=limit, min_size=min_size: with_lms(limit, min_size))
 
-    report(rows, device, bw, base, unavoidable)
-    write(args, rows, dict(
-        command=command, device=card, date=date, torch=torch.__version__, model=cfg,
-        bf16=use_bf16, bandwidth_Bps=bw, unavoidable_bytes=unavoidable,
-    ))  # fmt: skip
-
 
 def saved_bytes(model, batch, autocast):
     """Bytes of distinct storages one training forward saves (CPU sweep range)."""
@@ -370,7 +382,7 @@ def verdicts(row, rows):
     if row["peak_device_bytes"] is not None and row["limit"] > 0:
         ok = row["peak_device_bytes"] <= row["limit"] + row["largest_swappable"]
         out.append(f"{'ok' if ok else 'MISS'} peak<=limit+largest")
-    soc = next(r for r in rows if r["strategy"] == "save_on_cpu")
+    soc = next((r for r in rows if r["strategy"] == "save_on_cpu"), {})
     if row["limit"] == 0 and "step_s" in soc:
         ratio = row["step_s"] / soc["step_s"]
         out.append(f"{'ok' if ratio <= 0.7 else 'MISS'} x{ratio:.2f} save_on_cpu time")
@@ -435,7 +447,7 @@ def write(args, rows, meta):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    png = out.with_suffix(".png")
+    png = out.with_suffix(".png") if rows else None
     try:
         import matplotlib
 
