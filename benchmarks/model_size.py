@@ -275,12 +275,26 @@ def row(kind, n_layer, a, times, peak_bytes, rss, stats):
 
 
 def search(device, a, steps, warmup):
-    """The deepest baseline that trains under the cap: doubling, then bisection."""
+    """The deepest baseline that trains under the cap: doubling, then bisection.
+
+    A depth whose fp32 parameter state alone (parameter, gradient, two AdamW moments:
+    16 bytes per parameter) exceeds the cap cannot fit, so it counts as out of memory
+    without being built: building it on the host is the slowest part of a try.
+    """
     lo, hi, best = 0, None, None
-    n = 2
-    while hi is None:
+    cap = a["cap_gib"] * GiB
+
+    def attempt(n):
+        if device.type == "cuda" and 16 * config(n, a).num_params() > cap:
+            print(f"  search n_layer={n}: out of memory (parameter state > cap)", flush=True)
+            return None
         r = try_baseline(n, device, a, 1, 1)
         print(f"  search n_layer={n}: {'fits' if r else 'out of memory'}", flush=True)
+        return r
+
+    n = 2
+    while hi is None:
+        r = attempt(n)
         if r:
             lo, best = n, r
             n *= 2
@@ -288,8 +302,7 @@ def search(device, a, steps, warmup):
             hi = n
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        r = try_baseline(mid, device, a, 1, 1)
-        print(f"  search n_layer={mid}: {'fits' if r else 'out of memory'}", flush=True)
+        r = attempt(mid)
         if r:
             lo, best = mid, r
         else:
