@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -101,15 +101,22 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         assert "ranks [0]: allreduce" in msgs["mixed"] and "ranks [1, 2]: ddl.wrap" in msgs["mixed"]
 
 
-def _dies_or_stalls(mode):
+def _dies_or_stalls(mode, named):
     if ddl.rank() == 2:
         if mode == "dies":
             os._exit(3)  # a crashed rank
-        threading.Event().wait(6)  # a stalled rank: busy elsewhere past the timeout
+        # A stalled rank: busy elsewhere until both others have timed out and named it. (A
+        # fixed nap longer than the timeout is not enough on a loaded machine: a rank that
+        # starts its allreduce late would see rank 2 arrive before its own timeout.)
+        for _ in range(2):
+            if not named.acquire(timeout=60):
+                break
     try:
         ddl.allreduce(torch.ones(1000), algorithm="ring")
     except ddl.DDLError as e:
         first = str(e)
+        if ddl.rank() != 2:
+            named.release()
     else:
         return "no error", None
     try:
@@ -121,7 +128,10 @@ def _dies_or_stalls(mode):
 
 @pytest.mark.parametrize("mode", ["dies", "stalls"])
 def test_dead_or_stalled_rank_is_named(mode):
-    results = run_ranks(_dies_or_stalls, 3, mode, ddl_timeout=3, may_exit=(2,), deadline_s=90)
+    named = mp.get_context("forkserver").Semaphore(0)  # ranks 0 and 1 release it as they fail
+    results = run_ranks(
+        _dies_or_stalls, 3, mode, named, ddl_timeout=3, may_exit=(2,), deadline_s=90
+    )
     for first, second in results[:2]:
         assert "ranks [2] did not arrive" in first, first
         assert "ddl.allreduce" in first and "collective #" in first
