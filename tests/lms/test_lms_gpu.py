@@ -74,7 +74,7 @@ def test_stream_race_with_delayed_copy_streams(monkeypatch):
             got = grads(model, x, y)
             assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
         stats = handle.stats()
-    assert stats.swap_outs > 0 and stats.stall_s > 0
+    assert stats.swap_outs > 0 and stats.stall_s > 0, stats.as_dict()
 
 
 def test_allocator_peak_within_limit_plus_largest_tensor():
@@ -106,9 +106,9 @@ def test_allocator_peak_within_limit_plus_largest_tensor():
         print(f"limit {limit / 2**20:.0f} MiB peak {stats.peak_device_bytes / 2**20:.0f} MiB "
               f"plain {peak_plain / 2**20:.0f} MiB largest {largest / 2**20:.0f} MiB "
               f"stall {stats.stall_s * 1e3:.1f} ms")  # fmt: skip
-        assert stats.swap_outs > 0
-        assert stats.peak_device_bytes <= limit + largest
-        assert stats.pinned_allocs == 0  # steady state: the pool is reused
+        assert stats.swap_outs > 0, stats.as_dict()
+        assert stats.peak_device_bytes <= limit + largest, (limit, largest, stats.as_dict())
+        assert stats.pinned_allocs == 0, stats.as_dict()  # steady state: the pool is reused
 
 
 def test_cuda_oom_in_forward_becomes_lms_error():

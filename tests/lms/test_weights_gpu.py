@@ -111,8 +111,10 @@ def test_peak_device_memory_far_below_parameter_state():
     peak = torch.cuda.max_memory_allocated() - start
     assert peak < state / 3, (peak, state)
     s = handle.stats()
-    assert s.swapped_in_bytes >= 3 * 2 * handle.weights.plan.paged_bytes
-    assert allocs[1] == allocs[2]  # steady state: no pinned allocation after the first step
+    # Every step fetches every paged weight for forward and again for backward (the
+    # tied embedding/head matrix is read by the head's backward).
+    assert s.swapped_in_bytes >= 3 * 2 * handle.weights.plan.paged_bytes, s.as_dict()
+    assert allocs[1] == allocs[2], allocs  # steady state: no pinned allocation after step 1
     for pp in handle.weights.paged:  # optimizer state of paged parameters lives on the host
         assert opt.state[pp.param]["exp_avg"].device.type == "cpu"
     handle.weights.remove(to_device=False)
@@ -148,4 +150,6 @@ def test_stream_race_with_delayed_weight_copies(monkeypatch):
             assert torch.equal(loss, want_loss)
             for n in want:
                 assert torch.equal(want[n], got[n]), n
-        assert handle.stats().stall_s > 0
+        stats = handle.stats()
+        # The delayed fills cannot have landed when forward needs them: compute waited.
+        assert stats.stall_s > 0, stats.as_dict()
