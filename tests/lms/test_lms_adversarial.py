@@ -13,13 +13,17 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import lms
 
 # 0 sends everything out at once; 48 KiB keeps the newest few and evicts older ones
-# later (copies taken after more of the forward has run); 1 GiB moves nothing.
+# later (copies taken after more of the forward has run); 1 GiB moves nothing (run
+# where the tensors LMS keeps, not the ones it moves, are what is attacked).
 LIMITS = [0, 48 * 1024, "1GiB"]
+SWAPPING = [0, 48 * 1024]
 INPLACE_ERROR = "modified by an inplace operation"
 
 
@@ -52,7 +56,6 @@ def parity(make, step, limit, **kw):
 
 
 def assert_clean_after_step(handle):
-    gc.collect()
     assert handle.activations.live_entries() == 0
     assert handle.stats().resident_bytes == 0
     assert handle.runtime.pool.in_use_bytes == 0
@@ -175,7 +178,7 @@ class Outputs(nn.Module):
         return {"heads": (torch.tanh(self.a(h)), torch.sigmoid(self.b(h))), "view": x.t()[:3]}
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_dict_and_tuple_outputs_and_backward_through_one_head_then_the_other(limit):
     def step(model):
         x = data().requires_grad_()
@@ -191,7 +194,7 @@ def test_dict_and_tuple_outputs_and_backward_through_one_head_then_the_other(lim
     same(want2, got2)
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_autograd_grad_for_some_inputs_then_backward_with_retain_graph(limit):
     def step(model):
         x = data().requires_grad_()
@@ -206,7 +209,7 @@ def test_autograd_grad_for_some_inputs_then_backward_with_retain_graph(limit):
     same(want, got)
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_double_backward_gradient_penalty(limit):
     def step(model):
         x = data().requires_grad_()
@@ -233,7 +236,7 @@ class GradInsideForward(nn.Module):
         return u.pow(2).mean() + du.pow(2).mean()
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_autograd_grad_inside_the_forward(limit):
     def step(model):
         model(data()).backward()
@@ -243,7 +246,7 @@ def test_autograd_grad_inside_the_forward(limit):
     same(want, got)
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_several_forwards_then_one_backward_and_a_shared_module_in_a_loop(limit):
     class Loop(nn.Module):
         def __init__(self):
@@ -287,12 +290,12 @@ def test_exception_mid_forward_leaves_nothing_and_the_next_step_is_exact():
         model(data()).sum().backward()
         return grads(model)
 
-    for limit in LIMITS:
+    for limit in SWAPPING:
         want, got, handle = parity(Flaky, step, limit)
         same(want, got)
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_no_grad_and_eval_forwards_between_training_forward_and_backward(limit):
     def step(model):
         out = model(data())
@@ -331,7 +334,7 @@ class Strided(nn.Module):
         return t.sum() + e.sum() + o.sum() + (c * c).sum() + s.pow(3).sum()
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_strided_and_overlapping_views(limit):
     def step(model):
         model(data()).backward()
@@ -361,7 +364,7 @@ class Dtypes(nn.Module):
         return self.emb(idx).sum() + torch.where(mask, h, -h).sum() + zz.sum() + g.sum()
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_complex_integer_and_boolean_saves(limit):
     def step(model):
         model(data()).backward()
@@ -386,7 +389,7 @@ class SparseAndNested(nn.Module):
         return s.sum() + (nt * 2).values().sum() + n.exp().values().sum()
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_sparse_and_nested_tensors_are_left_alone(limit):
     def step(model):
         model(data()).backward()
@@ -396,7 +399,7 @@ def test_sparse_and_nested_tensors_are_left_alone(limit):
     same(want, got)
 
 
-@pytest.mark.parametrize("limit", [0, 64 * 64 * 4, 64 * 64 * 4 - 1, 64 * 64 * 4 + 1])
+@pytest.mark.parametrize("limit", [64 * 64 * 4 - 1, 64 * 64 * 4, 64 * 64 * 4 + 1])
 def test_limit_at_a_tensor_size_and_many_tensors_under_min_size(limit):
     want_model, model = MLP(), MLP()
     want_model(data()).sum().backward()
@@ -421,18 +424,16 @@ def test_limit_at_a_tensor_size_and_many_tensors_under_min_size(limit):
 def test_no_and_huge_lookahead(lookahead):
     def step(model):
         model(data()).sum().backward()
-        model(data(seed=5)).sum().backward()
         return grads(model)
 
-    want, got, _ = parity(lambda: MLP(depth=8), step, 0, lookahead=lookahead)
+    want, got, _ = parity(lambda: MLP(depth=6), step, 0, lookahead=lookahead)
     same(want, got)
 
 
 # -- lifetimes, threads, the handle ------------------------------------------------
 
 
-@pytest.mark.parametrize("limit", LIMITS)
-def test_gc_between_forward_and_backward_and_graphs_in_cycles(limit):
+def test_gc_between_forward_and_backward_and_graphs_in_cycles():
     class Cyclic(nn.Module):
         def __init__(self):
             super().__init__()
@@ -445,7 +446,7 @@ def test_gc_between_forward_and_backward_and_graphs_in_cycles(limit):
             return out
 
     def step(model):
-        for seed in range(3):
+        for seed in range(2):
             model(data(seed=seed))  # dropped graphs, freed by the cycle collector later
         out = model(data())
         gc.collect()
@@ -453,14 +454,13 @@ def test_gc_between_forward_and_backward_and_graphs_in_cycles(limit):
         gc.collect()
         return grads(model)
 
-    want, got, _ = parity(Cyclic, step, limit)
+    want, got, _ = parity(Cyclic, step, 48 * 1024)
     same(want, got)
 
 
-@pytest.mark.parametrize("limit", [0, 48 * 1024])
-def test_two_models_in_two_threads(limit):
+def test_two_models_in_two_threads():
     def train(model, out, seed):
-        for _ in range(3):
+        for _ in range(2):
             model.zero_grad()
             model(data(seed=seed)).sum().backward()
         out[seed] = grads(model)
@@ -469,7 +469,7 @@ def test_two_models_in_two_threads(limit):
     for seed in (1, 2):
         train(MLP(depth=6), want, seed)
     models = [MLP(depth=6), MLP(depth=6)]
-    handles = [lms.enable(m, limit=limit, min_size=0, weights=False) for m in models]
+    handles = [lms.enable(m, limit=0, min_size=0, weights=False) for m in models]
     got = {}
     threads = [
         threading.Thread(target=train, args=(m, got, seed))
@@ -536,11 +536,11 @@ def test_one_model_trained_in_one_thread_and_evaluated_in_another():
 
 def test_enable_remove_cycles_and_the_context_manager():
     want_model = MLP()
-    for _ in range(4):
+    for _ in range(2):
         want_model(data()).sum().backward()
     want = grads(want_model)
     model = MLP()
-    for i in range(4):
+    for i in range(2):
         handle = lms.enable(model, limit=[0, 48 * 1024][i % 2], min_size=0, weights=False)
         model(data()).sum().backward()
         handle.remove()
@@ -551,7 +551,7 @@ def test_enable_remove_cycles_and_the_context_manager():
     assert not model._forward_pre_hooks and "forward" not in model.__dict__
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_remove_between_forward_and_backward(limit):
     want_model, model = MLP(depth=6), MLP(depth=6)
     want_model(data()).sum().backward()
@@ -561,7 +561,6 @@ def test_remove_between_forward_and_backward(limit):
     handle.remove()
     out.sum().backward()
     same(want, grads(model))
-    gc.collect()
     assert handle.activations.live_entries() == 0
     # Blocks released after remove() are freed, not cached in a pool nobody uses.
     assert handle.runtime.pool.held_bytes == 0
@@ -587,7 +586,7 @@ def test_deepcopy_and_pickle_of_a_model_with_lms_on():
         lms.enable(twin, limit=0, min_size=0, weights=False).remove()  # LMS can go on it
 
 
-@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("limit", SWAPPING)
 def test_dtype_change_after_enable(limit):
     def step(model):
         model.double()
@@ -689,4 +688,85 @@ def test_a_backward_that_raises_midway_does_not_turn_prefetch_off():
             step(model, fail)
         assert_clean_after_step(handle)
     assert ahead[0] > 0 and ahead[2] == ahead[0]  # copies still issued ahead of use
+    same(grads(want_model), grads(model))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.b1(self.c1(x)))
+        out = self.b2(self.c2(out))
+        out += x  # in place, as torchvision's ResNet does
+        return F.dropout(self.relu(out), 0.1)
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(ResidualBlock(), ResidualBlock())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.blocks(F.relu_(self.stem(x)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_in_place_relu_and_residual_adds_are_not_mistaken_for_modified_saves(limit):
+    # The version check must not fire where autograd would not: in-place ops whose
+    # saves happen after them (ReLU(inplace=True) saves its output) are legal.
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def step(model):
+        torch.manual_seed(5)  # the same dropout masks
+        model(x).sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(ResNet, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("limit", [0, 48 * 1024])
+def test_the_whole_lms_model_inside_checkpoint(reentrant, limit):
+    # LMS's hooks are the innermost ones in its forward, so an outer non-reentrant
+    # checkpoint stores nothing; the reentrant one recomputes the forward inside
+    # backward, where LMS saves (and may swap) again.
+    def step(model):
+        x = data().requires_grad_(reentrant)
+        checkpoint(model, x, use_reentrant=reentrant).sum().backward()
+        return grads(model)
+
+    want, got, _ = parity(lambda: MLP(depth=5), step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_lms_on_a_submodule_and_on_its_parent(limit):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = MLP(), MLP()
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    want_model, model = Two(), Two()
+    want_model(data()).sum().backward()
+    with lms.enable(model.a, limit=limit, min_size=0, weights=False) as inner:
+        with lms.enable(model, limit=limit, min_size=0, weights=False) as outer:
+            model(data()).sum().backward()
+            assert_clean_after_step(outer)
+        assert_clean_after_step(inner)
+    if limit == 0:  # each scope sends its own saves: the child's inside it, the rest outside
+        assert inner.stats().swap_outs > 0 and outer.stats().swap_outs > 0
     same(grads(want_model), grads(model))
