@@ -34,7 +34,7 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STEPS"
 }
 
-step gpu_tests 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests
+step gpu_tests 120 $PY -m pytest -m gpu -q --durations=15 -p no:cacheprovider tests
 step memory_vs_speed 80 $PY benchmarks/memory_vs_speed.py --quick --out "$OUT/memory_vs_speed.json"
 step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
 # The example under a limit far below the model's needs (~1.6 GB of fp32 weight and AdamW
