@@ -45,12 +45,13 @@
 #    when the section ends, so no state changes under a running loop.
 # 8. Versions. With saved-tensor hooks installed, autograd skips its check that a
 #    saved tensor was not modified in place before backward, so LMS does it:
-#    each ``_Packed`` keeps the version at save time and a weak reference to the
-#    tensor that carries the version counter (the view's base, which every view
-#    keeps alive), and unpacking raises autograd's own error on a mismatch.
-#    Unnoticed: a write autograd cannot see either (through ``.data``), and one
-#    through a ``detach()``-ed alias after every tensor of the saved one's view
-#    family has died (a known gap: the counter cannot be held without its storage).
+#    each ``_Packed`` keeps the version at save time and a storage-less alias of
+#    the saved tensor that shares its version counter (``t.detach()`` with its
+#    data swapped for an empty tensor: ``.data =`` keeps the counter and does not
+#    bump it), and unpacking raises autograd's own error on a mismatch. The alias
+#    holds no memory, and sees every in-place write autograd would have seen,
+#    also those made after the saved tensor and all its views have died. Only
+#    writes autograd cannot see either (through ``.data``) go unnoticed.
 # 9. Storages resized by their owner. FSDP-style code frees a saved tensor's
 #    storage after forward (``resize_(0)``) and refills it before backward, with
 #    no version bump. Such a storage is copied out only while it is still the one
@@ -135,7 +136,7 @@ class _Entry:
 class _Packed:
     """What autograd stores in place of a saved tensor: its entry and view geometry."""
 
-    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "anchor")
+    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "counter")
 
     def __init__(self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor) -> None:
         self.owner = owner
@@ -144,19 +145,20 @@ class _Packed:
         self.offset = t.storage_offset()
         self.size = t.size()
         self.stride = t.stride()
-        # Rule 8: the version counter lives as long as the base of the view family.
+        # Rule 8: an alias that shares the version counter, and no storage.
         self.version = t._version
-        self.anchor = weakref.ref(t if t._base is None else t._base)
+        self.counter = t.detach()
+        self.counter.data = owner._empty
 
     def check_version(self) -> None:
         """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
-        anchor = self.anchor()
-        if anchor is None or anchor._version == self.version:
+        now = self.counter._version
+        if now == self.version:
             return
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: [{anchor.type()} {list(self.size)}] is at version "
-            f"{anchor._version}; expected version {self.version} instead. (Detected by LMS: "
+            f"inplace operation: [{self.dtype} {list(self.size)}] is at version "
+            f"{now}; expected version {self.version} instead. (Detected by LMS: "
             "saved-tensor hooks switch off autograd's own check.) Hint: enable anomaly "
             "detection to find the operation that failed to compute its gradient, with "
             "torch.autograd.set_detect_anomaly(True)."
@@ -277,6 +279,7 @@ class ActivationSwapper:
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
         self._owned = [*model.parameters(), *model.buffers()]
+        self._empty = torch.empty(0, device=self.device)  # what version aliases hold (Rule 8)
 
     def _critical(self) -> _Section:
         """Hold the lock; release entries that died meanwhile on the way out (Rule 7)."""

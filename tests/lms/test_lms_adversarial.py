@@ -128,6 +128,34 @@ def test_inplace_under_no_grad_between_forward_and_backward_raises(limit):
             handle.remove()
 
 
+class ModifiesViewsThenDrops(nn.Module):
+    """In-place ops on views after a view's result was saved; every tensor of the
+    family is gone by backward, only autograd (and LMS) still hold the storage."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[:, :16].relu_()  # saves the view's result at version 1
+        h[8:].mul_(2)  # version 2, through another view
+        return h.sum()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_inplace_through_another_view_of_a_dead_family_raises(limit):
+    for use_lms in (False, True):
+        model = ModifiesViewsThenDrops()
+        handle = lms.enable(model, limit=limit, min_size=0, weights=False) if use_lms else None
+        loss = model(data())
+        with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+            loss.backward()
+        if handle is not None:
+            handle.remove()
+
+
 class SaveModifySave(nn.Module):
     """One storage saved, modified in place, then saved again at its new version.
 
