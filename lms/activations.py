@@ -138,17 +138,17 @@ class _Packed:
 
     __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "counter")
 
-    def __init__(self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor) -> None:
+    def __init__(
+        self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor, counter: torch.Tensor
+    ) -> None:
         self.owner = owner
         self.entry = entry
         self.dtype = t.dtype
         self.offset = t.storage_offset()
         self.size = t.size()
         self.stride = t.stride()
-        # Rule 8: an alias that shares the version counter, and no storage.
-        self.version = t._version
-        self.counter = t.detach()
-        self.counter.data = owner._empty
+        self.version = entry.version
+        self.counter = counter  # Rule 8: shares t's version counter, holds no storage
 
     def check_version(self) -> None:
         """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
@@ -337,6 +337,8 @@ class ActivationSwapper:
             return False
         if t.layout is not torch.strided or t.is_conj() or t.is_neg():
             return False
+        if t.is_quantized or t.is_nested:
+            return False  # their data is more than one storage's bytes (scales, offsets)
         base = t._base
         if base is not None and type(base) is not torch.Tensor:
             return False  # a view of a Parameter (e.g. ``weight.t()`` saved by addmm)
@@ -353,14 +355,16 @@ class ActivationSwapper:
         if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
             return t
         version = t._version
+        counter = t.detach()  # Rule 8
+        counter.data = self._empty
         with self._critical():
             entry = self._index.get(ptr)
             if entry is not None and entry.storage_ref() is storage and entry.version == version:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
-                return _Packed(self, entry, t)
+                return _Packed(self, entry, t, counter)
             entry = _Entry(next(self._seq), storage, nbytes, version)
             entry.refs = 1
-            packed = _Packed(self, entry, t)  # if anything below raises, this frees it
+            packed = _Packed(self, entry, t, counter)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
                 self._largest = nbytes

@@ -417,6 +417,40 @@ class SparseAndNested(nn.Module):
         return s.sum() + (nt * 2).values().sum() + n.exp().values().sum()
 
 
+class SavesQuantizedAndFloat8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        q = torch.quantize_per_tensor(x.detach(), 0.1, 0, torch.qint8)
+        ctx.save_for_backward(q, x.detach().to(torch.float8_e5m2))
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, f8 = ctx.saved_tensors
+        return grad * q.dequantize() + f8.float()
+
+
+class Quantized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return SavesQuantizedAndFloat8.apply(self.lin(x)).sum()
+
+
+@pytest.mark.filterwarnings("ignore:.*quantize_per_tensor")  # deprecated, still in use
+@pytest.mark.parametrize("limit", SWAPPING)
+def test_quantized_saves_are_left_alone_and_float8_moves_bitwise(limit):
+    def step(model):
+        model(data()).backward()
+        return grads(model)
+
+    want, got, _ = parity(Quantized, step, limit)
+    same(want, got)
+
+
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_sparse_and_nested_tensors_are_left_alone(limit):
     def step(model):
