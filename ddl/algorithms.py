@@ -30,9 +30,12 @@ Every function here runs on the communication worker (see NOTE [One worker, one 
 #    differ, measured on 2 cores with 2 x 2 ranks and 64 MiB: on the veth of rule 7,
 #    hierarchical took 0.60-0.62 s with 2 MiB pieces, 0.63-0.65 s with 4 MiB and 0.63 s
 #    with 1 MiB (smaller pieces fill the slow link sooner, until their overhead wins),
-#    while ring took the same with 2 or 4 MiB; over loopback alone, where the CPUs and not
-#    a link set the pace, 2 MiB ring pieces were 15-25% slower than 4 MiB (more pieces,
-#    more thread hand-offs). NCCL keeps 4 MiB until a GPU run says otherwise.
+#    while ring took the same with 2 or 4 MiB. Over loopback alone, where the CPUs and not
+#    a link set the pace, smaller pieces cost (more pieces, more messages and thread
+#    hand-offs): with 2 MiB, ring was 15-25% slower than with 4 MiB and hierarchical (2 x 2
+#    simulated on one machine, 16-64 MiB) 10-25% slower. Hierarchical keeps 2 MiB because
+#    slow links between nodes are what it is for; where every link is loopback, native is
+#    1.25-1.6x faster than either anyway. NCCL keeps 4 MiB until a GPU run says otherwise.
 #    DDL_PIECE_BYTES overrides the piece size of both.
 # 7. On Gloo, pieces (of "hierarchical" and of a large "ring") and the rings of a large
 #    "multiring" run on a few threads, each at its own pace, instead of in lockstep
