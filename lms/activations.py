@@ -5,7 +5,9 @@
 #    ``torch.autograd.graph.saved_tensors_hooks``; a forward hook registered with
 #    ``always_call=True`` pops it, so an exception in forward cannot leave it on.
 #    Only training forwards (``module.training``) with grad enabled are touched:
-#    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS.
+#    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS,
+#    and so does one where saved-tensor hooks are disabled (pushing ours would
+#    raise the disabler's error).
 #    The stack of open scopes is per thread, like the hooks it pushes. A copy of
 #    the model (``copy.deepcopy``, pickling) gets inert hooks: LMS is not on it.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
@@ -198,6 +200,12 @@ class _Section:
             owner.lock.release()
 
 
+def _hooks_allowed() -> bool:
+    """False inside ``disable_saved_tensors_hooks`` (torch.func transforms, or the user)."""
+    is_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return is_enabled is None or is_enabled()
+
+
 class _Hook:
     """A forward hook of the swapper; a copy of it is a no-op (Rule 1).
 
@@ -302,7 +310,11 @@ class ActivationSwapper:
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         scopes = self._scopes()
-        if not (module.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
+        if (
+            not (module.training and torch.is_grad_enabled())
+            or torch.is_inference_mode_enabled()
+            or not _hooks_allowed()
+        ):
             scopes.append(None)
             return
         with self._critical():

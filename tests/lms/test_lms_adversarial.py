@@ -339,6 +339,17 @@ def test_no_grad_and_eval_forwards_between_training_forward_and_backward(limit):
     same(want, got)
 
 
+def test_a_forward_where_saved_tensor_hooks_are_disabled_runs_untouched():
+    want_model, model = MLP(), MLP()
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks in here"):
+        want_model(data()).sum().backward()
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks in here"):
+            model(data()).sum().backward()
+        assert handle.stats().swap_outs == 0
+    same(grads(want_model), grads(model))
+
+
 # -- what gets saved -------------------------------------------------------------
 
 
