@@ -7,7 +7,9 @@
 #    Only training forwards (``module.training``) with grad enabled are touched:
 #    an eval, ``no_grad`` or ``inference_mode`` forward runs exactly as without LMS,
 #    and so does one where saved-tensor hooks are disabled (pushing ours would
-#    raise the disabler's error).
+#    raise the disabler's error). ``always_call`` does not cover a
+#    ``KeyboardInterrupt``: the model's guarded forward (lms/enable.py) and
+#    ``remove()`` close the scope then (``close_scopes``).
 #    The stack of open scopes is per thread, like the hooks it pushes. A copy of
 #    the model (``copy.deepcopy``, pickling) gets inert hooks: LMS is not on it.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
@@ -331,6 +333,16 @@ class ActivationSwapper:
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         scope.__enter__()
         scopes.append(scope)
+
+    def close_scopes(self) -> None:
+        """Close every scope this thread still has open (Rule 1).
+
+        ``nn.Module`` runs ``always_call`` hooks only for an ``Exception``; a
+        ``KeyboardInterrupt`` (Ctrl-C in a notebook) or ``SystemExit`` in forward
+        skips ``_exit`` and would leave our hooks on the thread for good.
+        """
+        while self._scopes():
+            self._exit(self.model, (), None)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         scopes = self._scopes()

@@ -26,12 +26,14 @@ class _GuardedForward:
 
     Forward hooks cannot replace an exception (``always_call`` hooks that raise
     are silenced), so this one thin wrapper is set as an instance attribute and
-    deleted again by ``remove``.
+    deleted again by ``remove``. It also closes LMS's scope on a
+    ``KeyboardInterrupt``, which ``always_call`` hooks never see.
     """
 
-    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+    def __init__(self, model: nn.Module, runtime: Runtime, swapper: ActivationSwapper) -> None:
         self.original = model.forward
         self.runtime = runtime
+        self.swapper = swapper
 
     def __reduce__(self) -> tuple:
         # A copied or pickled model gets its plain forward back (LMS is not on a copy).
@@ -43,6 +45,11 @@ class _GuardedForward:
         except RuntimeError as e:
             if is_oom(e) and not isinstance(e, LMSError):
                 raise self.runtime.oom_error(e, "in the model's forward") from e
+            raise
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                # Ctrl-C, SystemExit: nn.Module skips always_call hooks for these.
+                self.swapper.close_scopes()
             raise
 
 
@@ -117,6 +124,7 @@ class LMSHandle:
             h.remove()
         self._handles.clear()
         if self.activations is not None:
+            self.activations.close_scopes()  # one a KeyboardInterrupt left open, if any
             self.activations.drain()
         if self.runtime is not None:
             self.runtime.close()
@@ -223,7 +231,7 @@ def enable(
     handle.activations = swapper
     handle._handles.extend(swapper.install())
     if "forward" not in model.__dict__:
-        model.forward = _GuardedForward(model, runtime)
+        model.forward = _GuardedForward(model, runtime, swapper)
         handle._handles.append(_RemoveForwardGuard(model))
 
     # --- weight paging attaches here (issue 4, lms/weights.py) -----------------

@@ -56,6 +56,7 @@ def parity(make, step, limit, **kw):
 
 
 def assert_clean_after_step(handle):
+    handle.activations.drain()  # copies out still in flight are reaped lazily, by design
     assert handle.activations.live_entries() == 0
     assert handle.stats().resident_bytes == 0
     assert handle.runtime.pool.in_use_bytes == 0
@@ -842,4 +843,46 @@ def test_lms_on_a_submodule_and_on_its_parent(limit):
         assert_clean_after_step(inner)
     if limit == 0:  # each scope sends its own saves: the child's inside it, the rest outside
         assert inner.stats().swap_outs > 0 and outer.stats().swap_outs > 0
+    same(grads(want_model), grads(model))
+
+
+class Interrupted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+        self.stop = False
+
+    def forward(self, x):
+        h = self.net(x)
+        if self.stop:
+            raise KeyboardInterrupt  # Ctrl-C in a notebook, in the middle of forward
+        return h
+
+
+def no_saved_tensor_hooks_on():
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_ctrl_c_in_forward_leaves_no_hooks_on(own_forward):
+    # nn.Module runs always_call hooks for Exception only, not for KeyboardInterrupt.
+    want_model, model = Interrupted(), Interrupted()
+    want_model(data()).sum().backward()
+    if own_forward:  # an instance-level forward: LMS installs no guard around it
+        model.forward = model.forward
+    handle = lms.enable(model, limit=0, min_size=0, weights=False)
+    model.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        model(data())
+    model.stop = False
+    if not own_forward:
+        assert no_saved_tensor_hooks_on()  # closed at once by the guarded forward
+        model(data()).sum().backward()
+        swaps = handle.stats().swap_outs
+        (data().requires_grad_() * 2).sigmoid().sum().backward()  # outside the model
+        assert handle.stats().swap_outs == swaps
+    handle.remove()
+    assert no_saved_tensor_hooks_on()  # remove() closes what is left, in any case
+    if own_forward:
+        model(data()).sum().backward()
     same(grads(want_model), grads(model))
