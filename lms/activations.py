@@ -15,7 +15,9 @@
 # 2. What may move. Plain strided tensors on the model's device whose storage is
 #    at least ``min_size``. Never parameters, views of parameters, buffers, or
 #    leaves that require grad (the user holds those; moving them frees nothing).
-#    Tensor subclasses are left alone.
+#    Tensor subclasses are left alone. A model moved to another device after
+#    ``enable`` would have nothing eligible, silently: its training forward
+#    raises ``LMSError`` instead.
 # 3. Storages, not tensors. Everything is keyed by the storage: a tensor saved
 #    twice, or several views of one storage (``q, k, v = qkv.split(...)``), is one
 #    entry, moved once. Autograd keeps a small ``_Packed`` (entry + view geometry);
@@ -79,6 +81,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import LMSError
 from .policy import is_swappable_size, must_wait_for_copies, plan_evictions, plan_prefetch
 from .runtime import Runtime, is_oom
 from .transfer import Copy
@@ -289,6 +292,10 @@ class ActivationSwapper:
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
         self._owned = [*model.parameters(), *model.buffers()]
+        # Where the first parameter lived at enable: a training forward after the
+        # model moved to another device is refused (Rule 2). Weight paging moves
+        # parameters on purpose, and turns the check off (lms/enable.py).
+        self.home = self._owned[0].device if self._owned else None
         self._empty = torch.empty(0, device=self.device)  # what version aliases hold (Rule 8)
 
     def _critical(self) -> _Section:
@@ -319,6 +326,18 @@ class ActivationSwapper:
         ):
             scopes.append(None)
             return
+        first = next(self.model.parameters(), None)
+        if first is not None and first is not self._owned[0]:
+            # Parameters replaced (``.to()`` across device kinds, ``load_state_dict(
+            # assign=True)``): list them again, so the frozen set stays right.
+            self._owned = [*self.model.parameters(), *self.model.buffers()]
+        if self.home is not None and first is not None and first.device != self.home:
+            scopes.append(None)  # the always_call _exit pops it
+            raise LMSError(
+                f"the model moved from {self.home} to {first.device} after lms.enable; "
+                f"LMS manages {self.device} memory only. Call remove() on the handle and "
+                "lms.enable again after moving the model"
+            )
         with self._critical():
             if self._tasks and torch._C._current_graph_task_id() == -1:
                 # A backward that raised never ran its final callback (autograd

@@ -243,6 +243,7 @@ def enable(
         handle.remove()  # nothing stays installed when paging cannot be set up
         raise
     if pager is not None:
+        swapper.home = None  # paging moves parameters between host and device on purpose
         handle.weights = pager
         handle._handles.append(pager)  # removed first: parameters back on the device
     # --------------------------------------------------------------------------

@@ -886,3 +886,43 @@ def test_ctrl_c_in_forward_leaves_no_hooks_on(own_forward):
     if own_forward:
         model(data()).sum().backward()
     same(grads(want_model), grads(model))
+
+
+def test_a_model_moved_to_another_device_after_enable_is_refused_clearly():
+    # LMS manages one device's memory; after a move nothing would be eligible and
+    # LMS would silently do nothing. (The meta device stands in for a GPU here.)
+    model = MLP()
+    with lms.enable(model, limit=0, min_size=0, weights=False):
+        model.to("meta")
+        with pytest.raises(lms.LMSError, match="moved from cpu to meta"):
+            model(data().to("meta"))
+        assert no_saved_tensor_hooks_on()
+        model.to_empty(device="cpu")  # back on the CPU: LMS goes on
+        model(data()).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_buffers_stay_put_after_load_state_dict_with_assign():
+    # assign=True replaces the parameter and buffer objects; LMS must still know
+    # them (buffers are never swapped: the module holds them anyway).
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+            self.register_buffer("scale", torch.rand(64, 64))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale  # mul saves the buffer
+
+    model = Scaled()
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+        moved = []
+        to_host = handle.runtime.transfers.to_host
+        handle.runtime.transfers.to_host = lambda src, b: (
+            moved.append(src.untyped_storage().data_ptr()),
+            to_host(src, b),
+        )[1]
+        model(data()).sum().backward()
+    assert moved and model.scale.untyped_storage().data_ptr() not in moved
