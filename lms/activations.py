@@ -292,10 +292,11 @@ class ActivationSwapper:
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
         self._owned = [*model.parameters(), *model.buffers()]
-        # Where the first parameter lived at enable: a training forward after the
-        # model moved to another device is refused (Rule 2). Weight paging moves
-        # parameters on purpose, and turns the check off (lms/enable.py).
-        self.home = self._owned[0].device if self._owned else None
+        # Where the first parameter lives once ``lms.enable`` is done (it sets this,
+        # after weight paging may have moved a host-built model to the device): a
+        # training forward after the model moved elsewhere is refused (Rule 2).
+        # ``None`` turns the check off (weight paging moves parameters on purpose).
+        self.home: torch.device | None = None
         self._empty = torch.empty(0, device=self.device)  # what version aliases hold (Rule 8)
 
     def _critical(self) -> _Section:

@@ -243,9 +243,10 @@ def enable(
         handle.remove()  # nothing stays installed when paging cannot be set up
         raise
     if pager is not None:
-        swapper.home = None  # paging moves parameters between host and device on purpose
         handle.weights = pager
         handle._handles.append(pager)  # removed first: parameters back on the device
+    else:  # paging moves parameters between host and device on purpose; else they stay
+        swapper.home = next(model.parameters()).device
     # --------------------------------------------------------------------------
 
     _ENABLED[model] = handle
