@@ -333,12 +333,7 @@ class ActivationSwapper:
             # assign=True)``): list them again, so the frozen set stays right.
             self._owned = [*self.model.parameters(), *self.model.buffers()]
         if self.home is not None and first is not None and first.device != self.home:
-            scopes.append(None)  # the always_call _exit pops it
-            raise LMSError(
-                f"the model moved from {self.home} to {first.device} after lms.enable; "
-                f"LMS manages {self.device} memory only. Call remove() on the handle and "
-                "lms.enable again after moving the model"
-            )
+            self._check_move(first.device, scopes)
         with self._critical():
             if self._tasks and torch._C._current_graph_task_id() == -1:
                 # A backward that raised never ran its final callback (autograd
@@ -363,6 +358,18 @@ class ActivationSwapper:
         """
         while self._scopes():
             self._exit(self.model, (), None)
+
+    def _check_move(self, now: torch.device, scopes: list[Any]) -> None:
+        """Refuse a training forward of a model moved off LMS's device (Rule 2)."""
+        if now == self.device:
+            self.home = now  # moved onto the device LMS was enabled for: fine
+            return
+        scopes.append(None)  # the always_call _exit pops it
+        raise LMSError(
+            f"the model moved from {self.home} to {now} after lms.enable; LMS manages "
+            f"{self.device} memory only. Call remove() on the handle and lms.enable "
+            "again after moving the model"
+        )
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         scopes = self._scopes()
