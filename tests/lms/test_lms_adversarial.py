@@ -926,3 +926,56 @@ def test_buffers_stay_put_after_load_state_dict_with_assign():
         )[1]
         model(data()).sum().backward()
     assert moved and model.scale.untyped_storage().data_ptr() not in moved
+
+
+class ScaleInPlace(torch.autograd.Function):
+    """An in-place custom op (mark_dirty) that saves its own output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x.mul_(2).tanh_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * 2 * (1 - y * y)
+
+
+class Tree(nn.Module):
+    """Calls itself recursively (a tree-structured net), with an in-place custom op."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x, depth=2):
+        h = ScaleInPlace.apply(self.lin(x))
+        if depth == 0:
+            return h
+        return self(h[:32], depth - 1).sum() + self(h[32:], depth - 1).sum()
+
+
+@pytest.mark.parametrize("limit", SWAPPING)
+def test_a_root_module_that_calls_itself_and_a_mark_dirty_function(limit):
+    def step(model):
+        x = data().requires_grad_()
+        model(x).backward(inputs=[x, model.lin.weight])  # a partial backward too
+        return {"x": x.grad, "w": model.lin.weight.grad}
+
+    want, got, _ = parity(Tree, step, limit)
+    same(want, got)
+
+
+@pytest.mark.parametrize("min_size, moves", [(64 * 64 * 4, True), (64 * 64 * 4 + 1, False)])
+def test_min_size_exactly_at_a_storage_size(min_size, moves):
+    # "Smaller than min_size never moves": a storage of exactly min_size may move.
+    want_model, model = MLP(), MLP()
+    want_model(data()).sum().backward()
+    with lms.enable(model, limit=0, min_size=min_size, weights=False) as handle:
+        model(data()).sum().backward()
+    assert (handle.stats().swap_outs > 0) == moves
+    same(grads(want_model), grads(model))
