@@ -82,6 +82,8 @@ def _normalize_size(value: object, name: str, allow_fraction: bool) -> int | flo
     if m is None:
         raise LMSError(f"{name}={value!r} cannot be parsed; {hint}")
     number, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(number):  # "1e400" overflows to inf
+        raise LMSError(f"{name}={value!r} is too large to be a size; {hint}")
     if unit == "%":
         if not allow_fraction or number > 100:
             raise LMSError(f"{name}={value!r} is not a percentage in (0, 100]; {hint}")

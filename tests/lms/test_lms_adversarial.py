@@ -979,3 +979,11 @@ def test_min_size_exactly_at_a_storage_size(min_size, moves):
         model(data()).sum().backward()
     assert (handle.stats().swap_outs > 0) == moves
     same(grads(want_model), grads(model))
+
+
+@pytest.mark.parametrize("value", ["1e400", "1e400GiB", "9" * 400])
+def test_sizes_that_overflow_raise_our_error(value):
+    with pytest.raises(lms.LMSError, match="too large"):
+        lms.LMSConfig(limit=value)
+    with pytest.raises(lms.LMSError, match="too large"):
+        lms.parse_size(value)
