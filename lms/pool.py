@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import threading
 import weakref
@@ -69,6 +70,12 @@ def pin_pages(size: int) -> torch.Tensor:
     except (AssertionError, AttributeError, RuntimeError, TypeError):
         ok = False
     if not ok:
+        # A failed runtime call stays the thread's last CUDA error, and PyTorch's
+        # check after the next kernel launch would raise it from an unrelated kernel
+        # (the binding returns the error without clearing it). Launch one here and
+        # consume it, then pin the usual (rounded) way.
+        with contextlib.suppress(RuntimeError):
+            torch.ones(1, device="cuda").add_(1)
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)
     # Runs when ``buf`` is collected, before its memory goes back to the allocator.
     weakref.finalize(buf, _unregister, buf.data_ptr())
