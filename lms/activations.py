@@ -83,7 +83,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import LMSError
 from .policy import is_swappable_size, must_wait_for_copies, plan_evictions, plan_prefetch
-from .runtime import Runtime, is_oom
+from .runtime import ModelHook, Runtime, is_oom
 from .transfer import Copy
 
 __all__ = ["ActivationSwapper", "Phase", "Where"]
@@ -211,34 +211,6 @@ def _hooks_allowed() -> bool:
     return is_enabled is None or is_enabled()
 
 
-class _Hook:
-    """A forward hook of the swapper; a copy of it is a no-op (Rule 1).
-
-    ``copy.deepcopy(model)`` (an EMA model, the best checkpoint) and pickling
-    (``torch.save(model)``) copy the model's hook dicts. A bound method would
-    copy the whole swapper with it (locks, host pool, this model's budget);
-    a ``_Hook`` copies to ``_Inert`` instead, so the copy comes without LMS.
-    """
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def __reduce__(self) -> tuple:
-        return (_Inert, ())
-
-
-class _Inert:
-    """A copied ``_Hook``: does nothing."""
-
-    def __call__(self, *args: Any) -> None:
-        return None
-
-
 class ActivationSwapper:
     """Swaps a model's saved activations between device and host under the runtime's budget.
 
@@ -308,8 +280,8 @@ class ActivationSwapper:
     def install(self) -> list[RemovableHandle]:
         """Register the forward hooks that open and close the scope; returns their handles."""
         return [
-            self.model.register_forward_pre_hook(_Hook(self._enter)),
-            self.model.register_forward_hook(_Hook(self._exit), always_call=True),
+            self.model.register_forward_pre_hook(ModelHook(self._enter)),
+            self.model.register_forward_hook(ModelHook(self._exit), always_call=True),
         ]
 
     def _scopes(self) -> list[Any]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,36 @@ from .pool import HostPool
 from .stats import Stats
 from .transfer import Transfers, device_module
 
-__all__ = ["MemoryBudget", "Runtime", "device_total_memory", "is_oom"]
+__all__ = ["MemoryBudget", "ModelHook", "Runtime", "device_total_memory", "is_oom"]
+
+
+class ModelHook:
+    """A hook LMS puts on a model; a copy of it is a no-op.
+
+    ``copy.deepcopy(model)`` (an EMA model, the best checkpoint) and pickling
+    (``torch.save(model)``) copy the model's hook dicts. A bound method would copy
+    its pager with it (locks, host pool, this model's budget); a ``ModelHook``
+    copies to ``_Inert`` instead, so the copy comes without LMS
+    (NOTE [Activation swapping] Rule 1, NOTE [Weight paging] Rule 12).
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple:
+        return (_Inert, ())
+
+
+class _Inert:
+    """A copied ``ModelHook``: does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
 
 
 def device_total_memory(device: torch.device) -> int:

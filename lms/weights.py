@@ -105,6 +105,18 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   parameters that stay resident, and the buffers, are moved to the device.
 #   ``remove()`` brings every parameter to the device (which must then fit), or
 #   with ``remove(to_device=False)`` leaves them on the host.
+# Rule 12 (a copy of the model comes without LMS). ``copy.deepcopy(model)`` and
+#   pickling copy the model's hook dicts; every hook here is a ``ModelHook``
+#   (lms/runtime.py), which copies to a no-op, so the copy does not drag this
+#   pager (locks, host pool, budget) along. Its paged parameters get the masters'
+#   values (Rule 1), so they are on the host: ``.to(device)`` the copy if it fits.
+#   Between a training forward and the end of its backward the shells are
+#   released, and ``Parameter.__deepcopy__`` would read empty storage (a crash on
+#   the CPU). So each paged module's ``_parameters`` is moved after its hook dicts
+#   in ``__dict__`` (which deepcopy and pickle visit in order), and its forward
+#   pre-hook, copied first, seeds deepcopy's memo with parameters made from the
+#   masters; pickling then raises ``LMSError`` (pickle between steps) before any
+#   shell is read.
 """
 
 from __future__ import annotations
@@ -125,6 +137,7 @@ from torch.utils._pytree import tree_leaves
 from .config import format_bytes
 from .errors import LMSError
 from .pool import HostBlock
+from .runtime import ModelHook
 from .transfer import Copy
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_plan import OrderTracker, ParamInfo, WeightPlan, plan_weights, prefetch_targets
@@ -236,6 +249,37 @@ class _Residency:
         if m in self.unneeded:
             return True
         return all(pp.where is not Where.OUT for pp in self.module_params[m])  # type: ignore[index]
+
+
+class _PagedModuleHook(ModelHook):
+    """A paged module's forward pre-hook; a copy of the module reads the masters (Rule 12)."""
+
+    __slots__ = ("pager", "params")
+
+    def __init__(self, fn: Callable[..., Any], pager: WeightPaging, params: list[PagedParam]):
+        super().__init__(fn)
+        self.pager = pager
+        self.params = params  # the module's paged parameters (the list grows, Rule 3)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # Copied before the module's ``_parameters`` (``_hook_module`` moves that last
+        # in ``__dict__``): point deepcopy at the masters, never at a released shell.
+        with self.pager.rt.lock:
+            for pp in self.params:
+                p = pp.param
+                if id(p) not in memo:
+                    # What Parameter.__deepcopy__ makes, from the real values.
+                    memo[id(p)] = type(p)(pp.master.clone(), p.requires_grad)
+        return super().__reduce__()[0]()  # the no-op a copied ModelHook becomes
+
+    def __reduce__(self) -> tuple:
+        if self.pager.phase is Phase.DEVICE and not self.pager._removed:
+            raise LMSError(
+                "cannot pickle a model between its training forward and the end of "
+                "backward while LMS pages its weights (they are released from the "
+                "device); pickle it between steps, e.g. after optimizer.step()"
+            )
+        return super().__reduce__()
 
 
 def _typed_view(block: HostBlock, like: torch.Tensor) -> torch.Tensor:
@@ -472,7 +516,7 @@ class WeightPaging:
 
     def _install_hooks(self) -> None:
         h = self._handles
-        h.append(self.model.register_forward_pre_hook(self._root_pre))
+        h.append(self.model.register_forward_pre_hook(ModelHook(self._root_pre)))
         for mname, module in self.model.named_modules():
             mine = [
                 self._by_param[id(p)]
@@ -482,7 +526,7 @@ class WeightPaging:
             if mine:
                 self._hook_module(mname, module, mine)
         # After the modules' post-hooks, so that it sees whether they built a graph.
-        h.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        h.append(self.model.register_forward_hook(ModelHook(self._root_post), always_call=True))
         for pp in self.paged:
             if pp.param.requires_grad:
                 h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
@@ -495,12 +539,16 @@ class WeightPaging:
         self._module_params.append(mine)
         self._module_names.append(mname)
         h = self._handles
-        h.append(module.register_forward_pre_hook(functools.partial(self._mod_pre, idx)))
+        pre = _PagedModuleHook(functools.partial(self._mod_pre, idx), self, mine)
+        h.append(module.register_forward_pre_hook(pre))
+        # Rule 12: deepcopy and pickle visit ``__dict__`` in order; with the hooks
+        # first, a copy reads the masters and never a released shell.
+        module.__dict__["_parameters"] = module.__dict__.pop("_parameters")
         # The model's own post-hook must run before _root_post, which reads its effect.
-        post = functools.partial(self._mod_post, idx)
+        post = ModelHook(functools.partial(self._mod_post, idx))
         h.append(module.register_forward_hook(post, always_call=True, prepend=module is self.model))
-        h.append(module._register_state_dict_hook(self._state_dict_hook))
-        h.append(module._register_load_state_dict_pre_hook(self._load_pre_hook))
+        h.append(module._register_state_dict_hook(ModelHook(self._state_dict_hook)))
+        h.append(module._register_load_state_dict_pre_hook(ModelHook(self._load_pre_hook)))
         return idx
 
     # -- public surface ----------------------------------------------------

@@ -9,6 +9,7 @@ accumulated on the host, and the optimizer steps the host masters.
 import contextlib
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -673,3 +674,64 @@ def test_backward_under_autocast_fetches_no_linear_or_embedding_weight():
     # Without autocast a Linear's backward needs its weight: those are fetched again.
     assert bytes_in(lambda: paged(x, y).backward()) > bytes_in(forward_only)
     handle.remove()
+
+
+def test_deepcopy_and_pickle_come_without_lms_with_the_real_values():
+    # NOTE [Weight paging] Rule 12: an EMA model or the best checkpoint so far is a
+    # copy of the model; it must not drag the pager (locks, host pool) along.
+    base, paged = pair()
+    first, later = batches(1), batches(2, seed=2)
+    with lms.enable(paged, limit="64KiB", min_size="4KiB", weights=True) as handle:
+        assert handle.weights is not None
+        train(base, torch.optim.SGD(base.parameters(), lr=0.1), first)
+        train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), first)
+        twin = copy.deepcopy(paged)  # between steps: parameters point at the masters
+        restored = pickle.loads(pickle.dumps(paged))
+        ((x, y),) = first
+        loss = paged(x, y)  # backward pending: paged parameters are released shells
+        assert handle.weights.phase is Phase.DEVICE
+        assert paged.blocks[0].mlp.fc.weight.untyped_storage().nbytes() == 0
+        mid = copy.deepcopy(paged)
+        block = copy.deepcopy(paged.blocks[0])  # a submodule alone, too
+        assert_same_params(base.blocks[0], block)
+        with pytest.raises(LMSError, match="between steps"):
+            pickle.dumps(paged)
+        loss.backward()
+        swaps = handle.stats().swap_ins
+        for other in (twin, restored, mid):
+            assert_same_params(base, other)  # the real values, not the empty shells
+            assert other.head.weight is other.wte.weight  # still tied
+            plain = copy.deepcopy(base)
+            lo = train(other, torch.optim.SGD(other.parameters(), lr=0.1), later)
+            lp = train(plain, torch.optim.SGD(plain.parameters(), lr=0.1), later)
+            assert all(torch.equal(a, b) for a, b in zip(lo, lp)), (lo, lp)
+            assert_same_params(plain, other)
+            assert handle.stats().swap_ins == swaps  # the copies are not managed by LMS
+        lms.enable(twin, limit="64KiB", min_size="4KiB", weights=True).remove()
+
+
+class RootWeight(nn.Module):
+    """A paged weight owned by the root module itself, used first in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64))
+        self.body = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+
+    def forward(self, x):
+        return self.body(x @ self.w)
+
+
+def test_deepcopy_of_a_root_owned_paged_weight_while_released():
+    torch.manual_seed(0)
+    model = RootWeight()
+    want = copy.deepcopy(model)
+    with lms.enable(model, limit="16KiB", min_size=0, weights=True) as handle:
+        loss = model(torch.randn(2, 64)).sum()
+        assert handle.weights.phase is Phase.DEVICE
+        assert model.w.untyped_storage().nbytes() == 0  # released: the copy must not read it
+        twin = copy.deepcopy(model)
+        assert_same_params(want, twin)
+        with pytest.raises(LMSError, match="between steps"):
+            pickle.dumps(model)
+        loss.backward()
