@@ -1,94 +1,18 @@
 """The accelerator code path of the copies, run on the CPU against a recording stand-in.
 
 The CUDA branch of ``lms.transfer.Transfers`` (side streams, events, waits, stall
-timing) only runs on a GPU. Here it runs with a stand-in device module that
-records what each stream was asked to wait for, so the ordering rules of
-NOTE [Copy ordering] are checked in CI; the copies themselves are CPU copies.
+timing) only runs on a GPU. Here it runs against the recording stand-in of
+tests/lms/recording_streams.py, so the ordering rules of NOTE [Copy ordering] are
+checked in CI; the copies themselves are CPU copies.
 """
 
-import contextlib
-
 import torch
+from recording_streams import accelerate, accelerator_transfers
 
 import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
 from lms.pool import HostBlock
 from lms.stats import Stats
-from lms.transfer import Transfers
-
-
-class FakeEvent:
-    clock = 0.0
-
-    def __init__(self, enable_timing=False):
-        self.timing = enable_timing
-        self.stream = None
-        self.left = 2  # reports "not done" twice, like a copy still running
-        self.at = None
-
-    def record(self, stream=None):
-        self.stream = stream
-        FakeEvent.clock += 1.0  # one "millisecond" per recorded event
-        self.at = FakeEvent.clock
-        stream.log.append(("record", self))
-
-    def query(self):
-        if self.left:
-            self.left -= 1
-            return False
-        return True
-
-    def synchronize(self):
-        self.left = 0
-
-    def elapsed_time(self, other):
-        assert self.timing and other.timing
-        return other.at - self.at
-
-
-class FakeStream:
-    def __init__(self, name="side", device=None):
-        self.name = name
-        self.log = []
-
-    def wait_stream(self, other):
-        self.log.append(("wait_stream", other))
-
-    def wait_event(self, event):
-        self.log.append(("wait_event", event))
-
-    def synchronize(self):
-        pass
-
-
-class FakeCuda:
-    Event = FakeEvent
-
-    def __init__(self):
-        self.compute = FakeStream("compute")
-        self.active = []
-
-    def Stream(self, device=None):  # noqa: N802 - mirrors torch.cuda.Stream
-        return FakeStream(device=device)
-
-    def current_stream(self, device=None):
-        return self.active[-1] if self.active else self.compute
-
-    @contextlib.contextmanager
-    def stream(self, s):
-        self.active.append(s)
-        try:
-            yield
-        finally:
-            self.active.pop()
-
-
-def accelerator_transfers(stats):
-    t = Transfers(torch.device("cpu"), stats)
-    t.is_cpu = False
-    t.mod = FakeCuda()
-    t.d2h, t.h2d = FakeStream("d2h"), FakeStream("h2d")
-    return t
 
 
 def test_copy_ordering_rules():
@@ -139,8 +63,7 @@ def test_gpt_parity_through_the_accelerator_path():
     want = grads()
     for limit in (0, 96 * 1024):
         with lms.enable(model, limit=limit, min_size=0, weights=False) as handle:
-            handle.runtime.transfers = accelerator_transfers(handle.runtime.stats)
-            handle.activations.transfers = handle.runtime.transfers
+            accelerate(handle)
             for _ in range(2):
                 assert all(torch.equal(a, b) for a, b in zip(want, grads(), strict=True))
             handle.activations.drain()

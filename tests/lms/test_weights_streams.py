@@ -3,99 +3,24 @@
 On CUDA the fills of paged parameters run on the h2d stream and the gradient
 copies on the d2h stream, guarded by events (NOTE [Weight paging] Rule 6). None of
 that runs in CI on its own, since the CPU's streams are no-ops. Here the same code
-runs against a stand-in device module whose streams log what they were asked to
-wait for and whose events report "not done" until queried twice or synchronized,
-so the ordering rules are checked without a GPU; the copies themselves are CPU
-copies, so the values must match plain training bit for bit.
+runs against the recording stand-in of tests/lms/recording_streams.py (streams log
+what they were asked to wait for; events report "not done" until queried twice or
+synchronized), so the ordering rules are checked without a GPU; the copies
+themselves are CPU copies, so the values must match plain training bit for bit.
 """
-
-import contextlib
 
 import pytest
 import torch
+from recording_streams import accelerate
 
 import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
-from lms.transfer import Transfers
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
 # Activations of one 8-token sequence stay under min_size; every weight matrix is over it.
 CFG = GPTConfig(vocab_size=256, seq_len=8, n_layer=2, n_head=4, n_embd=64)
 MIN_SIZE = 16 * 1024
-
-
-class Event:
-    def __init__(self, enable_timing=False):
-        self.timing = enable_timing
-        self.stream = None
-        self.left = 2  # "not done" for two queries, like a copy still running
-
-    def record(self, stream=None):
-        assert stream is not None, "record on an explicit stream"
-        self.stream = stream
-        stream.log.append(("record", self))
-
-    def query(self):
-        if self.left:
-            self.left -= 1
-            return False
-        return True
-
-    def synchronize(self):
-        self.left = 0
-
-    def elapsed_time(self, other):
-        return 1.0
-
-
-class Stream:
-    def __init__(self, name="side", device=None):
-        self.name = name
-        self.log = []
-
-    def wait_stream(self, other):
-        self.log.append(("wait_stream", other))
-
-    def wait_event(self, event):
-        self.log.append(("wait_event", event))
-
-    def synchronize(self):
-        self.log.append(("synchronize", None))
-
-
-class Device:
-    Event = Event
-
-    def __init__(self):
-        self.compute = Stream("compute")
-        self.active = []
-
-    def Stream(self, device=None):  # noqa: N802 - mirrors torch.cuda.Stream
-        return Stream(device=device)
-
-    def current_stream(self, device=None):
-        return self.active[-1] if self.active else self.compute
-
-    @contextlib.contextmanager
-    def stream(self, s):
-        self.active.append(s)
-        try:
-            yield
-        finally:
-            self.active.pop()
-
-
-def accelerate(handle):
-    """Swap the handle's copy machinery for the recording stand-in (both pagers share it)."""
-    rt = handle.runtime
-    t = Transfers(torch.device("cpu"), rt.stats)
-    t.is_cpu = False
-    t.mod = Device()
-    t.d2h, t.h2d = Stream("d2h"), Stream("h2d")
-    rt.transfers = t
-    handle.activations.transfers = t
-    return t
 
 
 def records(stream):
