@@ -55,6 +55,12 @@ def parity(make, step, limit, **kw):
     return want, got, handle
 
 
+def backward_step(model):
+    """One plain step for ``parity``: forward on ``data()``, backward, the gradients."""
+    model(data()).backward()
+    return grads(model)
+
+
 def assert_clean_after_step(handle):
     handle.activations.drain()  # copies out still in flight are reaped lazily, by design
     assert handle.activations.live_entries() == 0
@@ -267,11 +273,7 @@ class GradInsideForward(nn.Module):
 
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_autograd_grad_inside_the_forward(limit):
-    def step(model):
-        model(data()).backward()
-        return grads(model)
-
-    want, got, _ = parity(GradInsideForward, step, limit)
+    want, got, _ = parity(GradInsideForward, backward_step, limit)
     same(want, got)
 
 
@@ -376,11 +378,7 @@ class Strided(nn.Module):
 
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_strided_and_overlapping_views(limit):
-    def step(model):
-        model(data()).backward()
-        return grads(model)
-
-    want, got, _ = parity(Strided, step, limit)
+    want, got, _ = parity(Strided, backward_step, limit)
     same(want, got)
 
 
@@ -406,11 +404,7 @@ class Dtypes(nn.Module):
 
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_complex_integer_and_boolean_saves(limit):
-    def step(model):
-        model(data()).backward()
-        return grads(model)
-
-    want, got, _ = parity(Dtypes, step, limit)
+    want, got, _ = parity(Dtypes, backward_step, limit)
     same(want, got)
 
 
@@ -455,21 +449,13 @@ class Quantized(nn.Module):
 @pytest.mark.filterwarnings("ignore:.*quantize_per_tensor")  # deprecated, still in use
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_quantized_saves_are_left_alone_and_float8_moves_bitwise(limit):
-    def step(model):
-        model(data()).backward()
-        return grads(model)
-
-    want, got, _ = parity(Quantized, step, limit)
+    want, got, _ = parity(Quantized, backward_step, limit)
     same(want, got)
 
 
 @pytest.mark.parametrize("limit", SWAPPING)
 def test_sparse_and_nested_tensors_are_left_alone(limit):
-    def step(model):
-        model(data()).backward()
-        return grads(model)
-
-    want, got, _ = parity(SparseAndNested, step, limit)
+    want, got, _ = parity(SparseAndNested, backward_step, limit)
     same(want, got)
 
 
