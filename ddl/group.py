@@ -233,6 +233,11 @@ def init(
     world = dist.new_group(backend=the_backend, timeout=td)
     cpu = world if the_backend == "gloo" else dist.new_group(backend="gloo", timeout=td)
     cpu_down = dist.new_group(backend="gloo", timeout=td)
+    # Gloo connects a group's pairs while constructing it, and a rank can finish its side
+    # before a peer has. Without this barrier a rank that returns from init and dies at
+    # once can break a peer's handshake, which then fails with Gloo's own error instead
+    # of the DDLError that names the missing rank at its first collective.
+    dist.barrier(group=cpu_down)
     if the_backend == "nccl":
         # NCCL wants the first operation on a communicator to involve every rank (a
         # batched send/recv of a ring may not); this also builds the communicator now.
