@@ -16,5 +16,6 @@ from .config import LMSConfig, parse_size
 from .enable import LMSHandle, enable
 from .errors import LMSError
 from .stats import Stats
+from .weights import WeightPaging
 
-__all__ = ["LMSConfig", "LMSError", "LMSHandle", "Stats", "enable", "parse_size"]
+__all__ = ["LMSConfig", "LMSError", "LMSHandle", "Stats", "WeightPaging", "enable", "parse_size"]

@@ -13,7 +13,7 @@ from .config import LMSConfig, Size, resolve_config
 from .errors import LMSError
 from .runtime import Runtime, is_oom
 from .stats import Stats
-from .weights import attach_weight_paging
+from .weights import WeightPaging, attach_weight_paging
 
 __all__ = ["LMSHandle", "enable"]
 
@@ -79,7 +79,7 @@ class LMSHandle:
         config: the effective config (arguments, then environment overrides).
         runtime: the shared runtime (``None`` when LMS is disabled by ``LMS_DISABLE``).
         activations: the activation swapper (``None`` when disabled).
-        weights: the weight pager's handle, when weight paging is on (else ``None``).
+        weights: the weight pager (``lms.WeightPaging``) when weight paging is on, else ``None``.
 
     Example:
         >>> import lms
@@ -94,7 +94,7 @@ class LMSHandle:
         self.config = config
         self.runtime = runtime
         self.activations: ActivationSwapper | None = None
-        self.weights: Any = None
+        self.weights: WeightPaging | None = None
         self._model = weakref.ref(model)
         self._handles: list[Any] = []  # anything with .remove(), undone in reverse order
         self._removed = False
@@ -195,6 +195,10 @@ def enable(
         lookahead: swapped tensors always prefetched ahead in backward (default 1).
         config: a base ``LMSConfig``; the other arguments override its fields.
         device: the compute device (default: the device of the model's parameters).
+            With weight paging, a model too large for the device can be built on
+            the host and enabled with ``device="cuda"``: paged parameters go straight
+            into host masters and never sit on the device whole; the rest moves to
+            the device (NOTE [Weight paging] Rule 10 in lms/weights.py).
 
     Returns:
         An ``LMSHandle``: ``.stats()``, ``.remove()``, usable as a context manager.
