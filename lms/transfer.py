@@ -107,45 +107,58 @@ class Transfers:
 
     # -- copies -------------------------------------------------------------
 
+    def copy_out(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Copy:
+        """Copy device ``src`` into host ``dst`` on the d2h stream (Rule 1), counted.
+
+        The copy starts once compute, and the event ``after`` if given, are done.
+        """
+        event = self._issue(self.d2h, dst, src, after)
+        self.stats.swap_outs += 1
+        self.stats.swapped_out_bytes += dst.numel() * dst.element_size()
+        return Copy(dst, event)
+
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, after: Any = None) -> Copy:
+        """Copy host ``src`` into device ``dst`` on the h2d stream (Rule 2), counted.
+
+        ``dst`` is allocated by the caller on the compute stream; the copy starts once
+        compute, and the event ``after`` if given, are done.
+        """
+        event = self._issue(self.h2d, dst, src, after)
+        self.stats.swap_ins += 1
+        self.stats.swapped_in_bytes += dst.numel() * dst.element_size()
+        return Copy(dst, event)
+
+    def _issue(self, stream: Any, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        stream.wait_stream(self.current_stream())
+        if after is not None:
+            stream.wait_event(after)
+        with self.mod.stream(stream):
+            dst.copy_(src, non_blocking=not self.is_cpu)
+            event = self.new_event()
+            event.record(stream)
+        return event
+
     def to_host(self, src: torch.Tensor, block: HostBlock) -> Copy:
         """Start copying the flat ``uint8`` device tensor ``src`` into ``block``."""
-        nbytes = src.numel()
-        dst = block.view(nbytes)
         with _label("lms::d2h"):
             start = time.perf_counter()
-            self.d2h.wait_stream(self.current_stream())  # Rule 1: src comes from compute
-            if block.last_event is not None:
-                self.d2h.wait_event(block.last_event)
-            with self.mod.stream(self.d2h):
-                dst.copy_(src, non_blocking=not self.is_cpu)
-                event = self.new_event()
-                event.record(self.d2h)
+            copy = self.copy_out(block.view(src.numel()), src, after=block.last_event)
             if self.is_cpu:
                 # Synchronous on the CPU: the forward pass waited for this copy.
                 self.stats.stall_s += time.perf_counter() - start
-        self.stats.swap_outs += 1
-        self.stats.swapped_out_bytes += nbytes
-        block.last_event = event
-        return Copy(dst, event)
+        block.last_event = copy.event
+        return copy
 
     def to_device(self, block: HostBlock, nbytes: int) -> Copy:
         """Start copying the first ``nbytes`` of ``block`` into a new device tensor."""
         with _label("lms::h2d"):
             start = time.perf_counter()
             dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # Rule 2
-            self.h2d.wait_stream(self.current_stream())
-            if block.last_event is not None:
-                self.h2d.wait_event(block.last_event)
-            with self.mod.stream(self.h2d):
-                dst.copy_(block.view(nbytes), non_blocking=not self.is_cpu)
-                event = self.new_event()
-                event.record(self.h2d)
+            copy = self.copy_in(dst, block.view(nbytes), after=block.last_event)
             if self.is_cpu:
                 self.stats.stall_s += time.perf_counter() - start
-        self.stats.swap_ins += 1
-        self.stats.swapped_in_bytes += nbytes
-        block.last_event = event
-        return Copy(dst, event)
+        block.last_event = copy.event
+        return copy
 
     def wait(self, copy: Copy) -> torch.Tensor:
         """Make the compute stream wait for ``copy``; returns its tensor (Rule 3)."""

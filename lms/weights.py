@@ -757,14 +757,7 @@ class WeightPaging:
             self.rt.budget.charge(pp.nbytes)
             alias = torch.empty(0, dtype=pp.shell.dtype, device=pp.shell.device)
             alias.set_(storage, 0, pp.shell.shape, pp.shell.stride())
-            tr.h2d.wait_stream(tr.current_stream())
-            with tr.mod.stream(tr.h2d):
-                alias.copy_(pp.master, non_blocking=not tr.is_cpu)
-                event = tr.new_event()
-                event.record(tr.h2d)
-        self.rt.stats.swap_ins += 1
-        self.rt.stats.swapped_in_bytes += pp.nbytes
-        pp.fill = Copy(alias, event)
+            pp.fill = tr.copy_in(alias, pp.master)
         pp.where = Where.FILLING
 
     def _acquire(self, pp: PagedParam) -> None:
@@ -956,16 +949,9 @@ class WeightPaging:
         grad = pp.param.grad
         self._reap(block=True)  # the accumulator must hold every earlier add
         with torch.profiler.record_function("lms::weights::fold_h2d"):
-            old = torch.empty_like(grad)  # on the compute stream
-            tr.h2d.wait_stream(tr.current_stream())
-            with tr.mod.stream(tr.h2d):
-                old.copy_(pp.acc, non_blocking=not tr.is_cpu)
-                event = tr.new_event()
-                event.record(tr.h2d)
-        self.rt.stats.swap_ins += 1
-        self.rt.stats.swapped_in_bytes += pp.nbytes
+            old = tr.copy_in(torch.empty_like(grad), pp.acc)  # allocated on compute
         with torch.no_grad():
-            grad.add_(tr.wait(Copy(old, event)))
+            grad.add_(tr.wait(old))
         pp.acc_valid = False
 
     def _offload_grad(self, pp: PagedParam) -> None:
@@ -988,13 +974,7 @@ class WeightPaging:
         with torch.profiler.record_function("lms::weights::grad_d2h"):
             # Sent straight out: never counted as kept (NOTE [Memory budget] Rule 4).
             self.rt.budget.charge(pp.nbytes, leaving=True)
-            tr.d2h.wait_stream(tr.current_stream())
-            with tr.mod.stream(tr.d2h):
-                dst.copy_(grad, non_blocking=not tr.is_cpu)
-                event = tr.new_event()
-                event.record(tr.d2h)
-        self.rt.stats.swap_outs += 1
-        self.rt.stats.swapped_out_bytes += pp.nbytes
+            event = tr.copy_out(dst, grad).event
         p.grad = None
         gc = _GradCopy(pp, grad, event, tmp, slot)
         if slot is not None:
