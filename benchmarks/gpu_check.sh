@@ -42,7 +42,7 @@ step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.j
 if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     TRAIN=(--n-layer 8 --n-embd 1024 --n-head 16 --seq-len 512 --batch 8 --limit 256MiB)
 else
-    TRAIN=(--n-layer 2 --n-embd 64 --n-head 4 --seq-len 32 --batch 2 --limit 64KiB)
+    TRAIN=(--n-layer 2 --n-embd 64 --n-head 4 --seq-len 32 --batch 2 --limit 320KiB)
 fi
 step train_gpt 45 $PY examples/train_gpt.py --steps 20 --min-size 64KiB --no-progress \
     "${TRAIN[@]}" --json "$OUT/train_gpt.json"

@@ -161,7 +161,9 @@ class LMSConfig:
         limit: device memory budget. Saved activations (and, with weight paging,
             parameter state) stay on the device while it holds; beyond it LMS
             swaps out what is needed furthest in the future. ``0`` swaps every
-            eligible tensor. ``None`` means ``DEFAULT_LIMIT_FRACTION`` (0.9) of the
+            eligible tensor (keep nothing that can move; not a budget). A positive
+            limit smaller than one paged module's parameters plus gradients raises
+            ``LMSError`` at enable. ``None`` means ``DEFAULT_LIMIT_FRACTION`` (0.9) of the
             device. Overridden by ``LMS_LIMIT``.
         min_size: tensors whose storage is smaller than this are never swapped
             (the copy's latency would cost more than the memory is worth).

@@ -140,7 +140,15 @@ from .pool import HostBlock
 from .runtime import ModelHook
 from .transfer import Copy
 from .weights_optim import check_host_step, move_state, warn_if_unfused
-from .weights_plan import OrderTracker, ParamInfo, WeightPlan, plan_weights, prefetch_targets
+from .weights_plan import (
+    ModuleNeed,
+    OrderTracker,
+    ParamInfo,
+    WeightPlan,
+    check_modules_fit,
+    plan_weights,
+    prefetch_targets,
+)
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 
@@ -445,15 +453,21 @@ class WeightPaging:
                     "build the model on the host or on that device before lms.enable"
                 )
         ids = {id(p) for _, p in named}
+        needs = []
         for mname, module in self.model.named_modules():
-            if getattr(module, "sparse", False) and any(
-                id(p) in ids for p in module.parameters(recurse=False)
-            ):
+            mine = [p for p in module.parameters(recurse=False) if id(p) in ids]
+            if getattr(module, "sparse", False) and mine:
                 raise LMSError(
                     f"module {mname!r} makes sparse gradients, which weight paging cannot "
                     "accumulate on the host; use sparse=False, or raise min_size above its "
                     "weight so that it stays resident"
                 )
+            if mine:
+                nbytes = [(p.numel() * p.element_size(), p.requires_grad) for p in mine]
+                needs.append(
+                    ModuleNeed(mname, sum(n for n, _ in nbytes), sum(n for n, g in nbytes if g))
+                )
+        check_modules_fit(needs, self.rt.limit)  # NOTE [Weight paging plan] Rule 5
         self._check_host_memory(named)
         created: list[PagedParam] = []
         block = None

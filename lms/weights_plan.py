@@ -27,6 +27,12 @@ tested in one process without a device. ``lms/weights.py`` carries the plans out
 #   while the bytes fit in the free part of the budget, but always allow the
 #   very next module (one module's parameters must be resident to run at all;
 #   without that allowance ``limit=0`` would serialise every copy with compute).
+# Rule 5 (a limit must hold one module). A paged module runs with its paged
+#   parameters on the device, and its backward adds their gradients (same
+#   bytes). A positive limit below that for some module cannot be honoured at
+#   all, so enabling raises ``LMSError`` naming the module and its bytes instead
+#   of silently overshooting. ``limit=0`` is exempt: it is the documented "keep
+#   nothing that can move" setting, not a budget (``LMSConfig.limit``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .config import format_bytes
 from .errors import LMSError
 
 __all__ = [
@@ -44,6 +51,8 @@ __all__ = [
     "OrderTracker",
     "plan_weights",
     "prefetch_targets",
+    "ModuleNeed",
+    "check_modules_fit",
 ]
 
 # See NOTE [Weight paging plan] Rule 1. "auto" pages once the state needs more
@@ -154,6 +163,50 @@ def plan_weights(
         nbytes,
         f"auto: state {total} B > {AUTO_STATE_SHARE:.0%} of limit {limit} B; "
         f"paged {len(paged)} of {len(params)} params",
+    )
+
+
+@dataclass(frozen=True)
+class ModuleNeed:
+    """What one paged module must hold on the device while it runs.
+
+    Attributes:
+        name: the module's qualified name (``""`` for the model itself).
+        param_bytes: bytes of the paged parameters it owns directly.
+        grad_bytes: bytes of their gradients (0 for frozen ones).
+    """
+
+    name: str
+    param_bytes: int
+    grad_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.param_bytes + self.grad_bytes
+
+
+def check_modules_fit(needs: Sequence[ModuleNeed], limit: int) -> None:
+    """Refuse a positive ``limit`` that some paged module cannot run under (Rule 5).
+
+    Raises:
+        LMSError: naming the module with the largest need, and the limit that would do.
+
+    Example:
+        >>> check_modules_fit([ModuleNeed("fc", 40, 40)], limit=100)
+        >>> check_modules_fit([ModuleNeed("fc", 40, 40)], limit=0)
+    """
+    if limit <= 0 or not needs:
+        return
+    worst = max(needs, key=lambda n: n.total)  # the first in model order on a tie
+    if worst.total <= limit:
+        return
+    label = repr(worst.name) if worst.name else "the model itself"
+    raise LMSError(
+        f"limit={format_bytes(limit)} is too small for module {label} to run: it needs "
+        f"{format_bytes(worst.total)} ({worst.total} bytes) on the device at once "
+        f"({format_bytes(worst.param_bytes)} of paged parameters and "
+        f"{format_bytes(worst.grad_bytes)} of their gradients); raise limit to at least "
+        f"{worst.total} bytes plus room for activations"
     )
 
 

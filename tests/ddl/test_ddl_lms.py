@@ -29,7 +29,7 @@ def _with_and_without_lms(steps):
     plain = GPT(cfg)
     paged = copy.deepcopy(plain)
     h_plain = ddl.wrap(plain, bucket_size="16KiB", algorithm="ring")
-    lms_handle = lms.enable(paged, limit="16KiB", min_size="1KiB", weights=True, device="cpu")
+    lms_handle = lms.enable(paged, limit="40KiB", min_size="1KiB", weights=True, device="cpu")
     grads_ready = lms_handle.weights.defer_grad_offload()
     h_paged = ddl.wrap(paged, bucket_size="16KiB", algorithm="ring", grad_ready=grads_ready)
     g = torch.Generator().manual_seed(10 + ddl.rank())

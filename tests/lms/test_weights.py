@@ -8,6 +8,7 @@ accumulated on the host, and the optimizer steps the host masters.
 
 import contextlib
 import copy
+import dataclasses
 import io
 import pickle
 
@@ -29,9 +30,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
 CFG = GPTConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, n_embd=64)
 CPU = torch.device("cpu")
+# The smallest limit a CFG model runs under is 130 KiB: the largest paged module,
+# mlp.fc, with its gradient (NOTE [Weight paging plan] Rule 5).
+LIMIT = "160KiB"
 
 
-def runtime(limit="64KiB", min_size="4KiB", weights=True, **kw):
+def runtime(limit=LIMIT, min_size="4KiB", weights=True, **kw):
     return Runtime(CPU, LMSConfig(limit=limit, min_size=min_size, weights=weights, **kw))
 
 
@@ -79,10 +83,10 @@ def pair(seed=0, cfg=CFG):
     ids=["adamw", "adamw_fused", "sgd_momentum"],
 )
 def test_parity_bitwise_model_several_times_the_limit(make_opt):
-    base, paged = pair()
-    rt = runtime(limit="64KiB")
+    base, paged = pair(cfg=dataclasses.replace(CFG, n_layer=6))
+    rt = runtime()
     handle = attach_weight_paging(paged, rt)
-    assert param_bytes(paged) > 7 * rt.limit  # 474 KB of parameters, 64 KiB limit
+    assert param_bytes(paged) > 7 * rt.limit  # 1.27 MB of parameters, 160 KiB limit
     assert "blocks.0.mlp.fc.weight" in handle.paged_names
     data = batches(4)
     lb = train(base, make_opt(base.parameters()), data)
@@ -374,7 +378,7 @@ def test_host_limit_exhaustion_raises_before_anything_changes():
     _, paged = pair()
     before = {n: p.data_ptr() for n, p in paged.named_parameters()}
     with pytest.raises(LMSError, match="host_limit"):
-        attach_weight_paging(paged, runtime(host_limit="64KiB"))
+        attach_weight_paging(paged, runtime(host_limit=LIMIT))
     assert {n: p.data_ptr() for n, p in paged.named_parameters()} == before
     assert not paged._forward_pre_hooks
 
@@ -398,11 +402,25 @@ def test_bad_use_gets_clear_errors():
     handle.remove()
 
 
+def test_limit_too_small_for_one_module_names_it_and_changes_nothing():
+    base, paged = pair()
+    need = 2 * (paged.blocks[0].mlp.fc.weight.nbytes + paged.blocks[0].mlp.fc.bias.nbytes)
+    with pytest.raises(LMSError, match=rf"module 'blocks.0.mlp.fc'.*\({need} bytes\)"):
+        lms.enable(paged, limit=need - 1, min_size=0, weights=True)
+    assert_same_params(base, paged)  # refused before anything moved
+    assert all(p.untyped_storage().nbytes() == p.nbytes for p in paged.parameters())
+    with lms.enable(paged, limit=need, min_size=0, weights=True) as handle:
+        assert "blocks.0.mlp.fc.bias" in handle.weights.paged_names
+        train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), batches(1))
+        train(base, torch.optim.SGD(base.parameters(), lr=0.1), batches(1))
+    assert_same_params(base, paged)
+
+
 def test_auto_pages_nothing_when_state_fits_and_false_never_pages():
     _, paged = pair()
     assert attach_weight_paging(paged, runtime(limit="1GiB", weights="auto")) is None
     assert attach_weight_paging(paged, runtime(limit=0, weights=False)) is None
-    handle = attach_weight_paging(paged, runtime(limit="64KiB", weights="auto"))
+    handle = attach_weight_paging(paged, runtime(limit=LIMIT, weights="auto"))
     assert handle is not None and handle.paged_names
     handle.remove()
 
@@ -410,7 +428,7 @@ def test_auto_pages_nothing_when_state_fits_and_false_never_pages():
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_enable_pages_weights_and_activations_under_one_limit(autocast):
     base, paged = pair()
-    handle = lms.enable(paged, limit="64KiB", min_size="4KiB", weights="auto")
+    handle = lms.enable(paged, limit=LIMIT, min_size="4KiB", weights="auto")
     assert handle.weights is not None and handle.weights.paged_names
     ctx = (lambda: torch.autocast("cpu", torch.bfloat16)) if autocast else contextlib.nullcontext
     data = batches(3)
@@ -681,7 +699,7 @@ def test_deepcopy_and_pickle_come_without_lms_with_the_real_values():
     # copy of the model; it must not drag the pager (locks, host pool) along.
     base, paged = pair()
     first, later = batches(1), batches(1, seed=2)
-    with lms.enable(paged, limit="64KiB", min_size="4KiB", weights=True) as handle:
+    with lms.enable(paged, limit=LIMIT, min_size="4KiB", weights=True) as handle:
         assert isinstance(handle.weights, lms.WeightPaging)  # exported for type hints
         train(base, torch.optim.SGD(base.parameters(), lr=0.1), first)
         train(paged, torch.optim.SGD(paged.parameters(), lr=0.1), first)
@@ -707,7 +725,7 @@ def test_deepcopy_and_pickle_come_without_lms_with_the_real_values():
             assert all(torch.equal(a, b) for a, b in zip(lo, lp)), (lo, lp)
             assert_same_params(plain, other)
             assert handle.stats().swap_ins == swaps  # the copies are not managed by LMS
-        lms.enable(twin, limit="64KiB", min_size="4KiB", weights=True).remove()
+        lms.enable(twin, limit=LIMIT, min_size="4KiB", weights=True).remove()
 
 
 class RootWeight(nn.Module):
@@ -726,7 +744,7 @@ def test_deepcopy_of_a_root_owned_paged_weight_while_released():
     torch.manual_seed(0)
     model = RootWeight()
     want = copy.deepcopy(model)
-    with lms.enable(model, limit="16KiB", min_size=0, weights=True) as handle:
+    with lms.enable(model, limit="40KiB", min_size=0, weights=True) as handle:
         loss = model(torch.randn(2, 64)).sum()
         assert handle.weights.phase is Phase.DEVICE
         assert model.w.untyped_storage().nbytes() == 0  # released: the copy must not read it

@@ -48,13 +48,19 @@ def param_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def tight_limit(model):
+    """The smallest limit LMS accepts for a CFG model: its largest paged module (the tied
+    embedding and head) with its gradient, NOTE [Weight paging plan] Rule 5: an eighth of
+    the parameter state."""
+    return 2 * model.wte.weight.nbytes
+
+
 def test_cuda_grads_bitwise_with_paged_weights():
     torch.manual_seed(0)
     model = GPT(CFG).cuda()
     x, y = batch()
     want_loss, want = reference(model, x, y)
-    limit = param_bytes(model) // 8
-    with lms.enable(model, limit=limit, min_size="64KiB", weights=True) as handle:
+    with lms.enable(model, limit=tight_limit(model), min_size="64KiB", weights=True) as handle:
         assert handle.weights is not None
         assert all(pp.master.is_pinned() for pp in handle.weights.paged)
         for _ in range(2):
@@ -76,7 +82,7 @@ def test_cuda_training_matches_device_optimizer_closely(kind):
     torch.manual_seed(0)
     base = GPT(CFG).cuda()
     paged = copy.deepcopy(base)
-    handle = lms.enable(paged, limit=param_bytes(paged) // 8, min_size="64KiB", weights=True)
+    handle = lms.enable(paged, limit=tight_limit(paged), min_size="64KiB", weights=True)
     if kind == "adamw_one_step":
         make, steps = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)), 1
     else:

@@ -6,8 +6,10 @@ from lms.errors import LMSError
 from lms.weights_plan import (
     AUTO_STATE_SHARE,
     RESIDENT_SHARE,
+    ModuleNeed,
     OrderTracker,
     ParamInfo,
+    check_modules_fit,
     plan_weights,
     prefetch_targets,
 )
@@ -126,3 +128,17 @@ def test_order_tracker_resyncs_on_a_branch_and_relearns():
     assert not t.diverged
     # Going back to an earlier module (a shared module run twice) finds it again.
     assert t.see(1) == 0 and t.see(1) == 0 and t.diverged
+
+
+def test_a_limit_below_one_modules_params_and_grads_names_the_biggest_module():
+    needs = [ModuleNeed("emb", 100, 0), ModuleNeed("fc", 60, 60), ModuleNeed("", 10, 10)]
+    check_modules_fit(needs, limit=120)  # fc needs exactly the limit: fits
+    with pytest.raises(LMSError, match=r"module 'fc'.*\(120 bytes\).*at least 120 bytes"):
+        check_modules_fit(needs, limit=119)
+    with pytest.raises(LMSError, match="the model itself"):
+        check_modules_fit([ModuleNeed("", 10, 10)], limit=19)
+
+
+def test_limit_zero_is_not_a_budget_and_no_paged_module_needs_nothing():
+    check_modules_fit([ModuleNeed("fc", 10**12, 10**12)], limit=0)
+    check_modules_fit([], limit=1)
