@@ -351,7 +351,16 @@ def allreduce_flat(
         DDLError: unknown algorithm or op.
 
     Example:
-        >>> allreduce_flat(t.view(-1), "mean", "ring", 0, Topology(2, 1), g, td, False)
+        >>> import ddl, torch
+        >>> from ddl.algorithms import allreduce_flat
+        >>> topo = ddl.init()
+        >>> s = ddl.group.current()  # ddl's groups and timeout, as ddl.allreduce passes them
+        >>> t = torch.ones(2, 2)
+        >>> allreduce_flat(t.view(-1), "sum", "ring", s.rank, topo, s.cpu, s.timeout, False)
+        >>> t  # the sum over ranks: world_size (1 here) everywhere
+        tensor([[1., 1.],
+                [1., 1.]])
+        >>> ddl.shutdown()
     """
     if op not in OPS:
         raise DDLError(f"unknown op {op!r}; use one of {', '.join(OPS)}")

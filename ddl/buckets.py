@@ -222,9 +222,17 @@ class GradSync:
         """Inside, backward accumulates local gradients without communication.
 
         Example:
+            >>> import ddl, torch
+            >>> _ = ddl.init()
+            >>> model, x = torch.nn.Linear(2, 1), torch.ones(1, 2)
+            >>> handle = ddl.wrap(model)
             >>> with handle.no_sync():
-            ...     model(x1).sum().backward()  # local only
-            >>> model(x2).sum().backward()  # reduces the accumulated gradients
+            ...     model(x).sum().backward()  # local only
+            >>> model(x).sum().backward()  # reduces the accumulated gradients
+            >>> model.weight.grad  # both backwards accumulated, then averaged over ranks
+            tensor([[2., 2.]])
+            >>> handle.remove()
+            >>> ddl.shutdown()
         """
         prev = self._sync
         self._sync = False
@@ -414,9 +422,18 @@ def wrap(
             lists what each rank has).
 
     Example:
+        >>> import ddl, torch
+        >>> _ = ddl.init()
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> handle = ddl.wrap(model, bucket_size="25MiB")
-        >>> loss_fn(model(x), y).backward()  # grads are now averaged over ranks
+        >>> handle.bucket_names  # in reverse, the order in which backward produces grads
+        (('bias', 'weight'),)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()  # grads averaged over ranks
         >>> opt.step()
+        >>> handle.remove()
+        >>> ddl.shutdown()
     """
     config = WrapConfig(
         bucket_size=bucket_size,

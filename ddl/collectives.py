@@ -129,8 +129,13 @@ def allreduce_async(
             ``wait()``.
 
     Example:
+        >>> import ddl, torch
+        >>> _ = ddl.init()
+        >>> grad = torch.full((3,), 2.0)
         >>> h = ddl.allreduce_async(grad, op="mean", algorithm="ring")
-        >>> grad = h.wait()
+        >>> h.wait()  # grad itself, now the mean over ranks
+        tensor([2., 2., 2.])
+        >>> ddl.shutdown()
     """
     s = _group.current()
     what = f"ddl.allreduce(op={op!r}, algorithm={algorithm!r})"
@@ -171,9 +176,11 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", check: bool | No
 
     Example:
         >>> import ddl, numpy as np
-        >>> ddl.init()
+        >>> _ = ddl.init()
         >>> a = np.full(4, ddl.rank(), dtype=np.float32)
-        >>> ddl.allreduce(a, op="mean")  # every rank now holds the mean rank
+        >>> ddl.allreduce(a, op="mean")  # every rank now holds the mean rank (0 with one rank)
+        array([0., 0., 0., 0.], dtype=float32)
+        >>> ddl.shutdown()
     """
     return allreduce_async(x, op=op, algorithm=algorithm, check=check, _inline=True).wait()
 

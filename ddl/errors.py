@@ -13,8 +13,9 @@ class DDLError(RuntimeError):
 
     Example:
         >>> import ddl, torch
-        >>> try:
+        >>> try:  # doctest: +ELLIPSIS
         ...     ddl.allreduce(torch.ones(2))  # before ddl.init()
         ... except ddl.DDLError as e:
-        ...     print(e)  # "ddl is not initialised: call ddl.init() first ..."
+        ...     print(isinstance(e, RuntimeError), e)
+        True ddl is not initialised: call ddl.init() first (launch with torchrun, ...
     """

@@ -192,8 +192,13 @@ def init(
         DDLError: when not launched by torchrun and no job exists, or on a bad local size.
 
     Example:
-        >>> import ddl  # under `torchrun --nproc-per-node=4 script.py`
-        >>> topo = ddl.init(local_size=2)  # simulate 2 nodes x 2 ranks
+        >>> import ddl  # one rank here; under torchrun every rank runs the same
+        >>> topo = ddl.init()  # with 4 ranks, init(local_size=2) simulates 2 nodes x 2 ranks
+        >>> topo, ddl.rank(), ddl.world_size()
+        (Topology(world_size=1, local_size=1), 0, 1)
+        >>> ddl.init() is topo  # a second call returns the running job's topology
+        True
+        >>> ddl.shutdown()
     """
     global _STATE, _GENERATION
     if _STATE is not None:
@@ -283,7 +288,12 @@ def shutdown() -> None:
     Safe to call twice, and after a failed collective (it then skips the wait).
 
     Example:
+        >>> import ddl
+        >>> _ = ddl.init()
         >>> ddl.shutdown()
+        >>> ddl.is_initialized()
+        False
+        >>> ddl.shutdown()  # a second call does nothing
     """
     global _STATE
     s = _STATE
@@ -314,9 +324,15 @@ class Handle:
     twice is fine and returns the same object.
 
     Example:
-        >>> h = ddl.allreduce_async(t, op="mean")
-        >>> ...  # compute while the reduction runs
-        >>> t = h.wait()
+        >>> import ddl, torch
+        >>> _ = ddl.init()
+        >>> t = torch.ones(3)
+        >>> h = ddl.allreduce_async(t, op="mean")  # compute here while the reduction runs
+        >>> h.wait() is t, t
+        (True, tensor([1., 1., 1.]))
+        >>> h.done(), h.wait() is t  # done now; waiting again returns the same object
+        (True, True)
+        >>> ddl.shutdown()
     """
 
     def __init__(self, future: concurrent.futures.Future, result: Any, device: torch.device):

@@ -78,10 +78,13 @@ def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] 
         DDLError: unsupported type or dtype, or a read-only array.
 
     Example:
+        >>> import numpy as np
+        >>> from ddl.interop import as_flat_tensor
         >>> a = np.arange(6.0).reshape(2, 3)
         >>> flat, finish = as_flat_tensor(a, "demo")
-        >>> flat.mul_(2); finish is None, a[1, 2]
-        (True, 10.0)
+        >>> _ = flat.mul_(2)  # writes straight into a: no copy, nothing to finish
+        >>> finish is None, a[1].tolist()
+        (True, [6.0, 8.0, 10.0])
     """
     t, finish = _to_torch(x, what)
     if t.dtype not in SUPPORTED_DTYPES:
