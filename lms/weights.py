@@ -53,7 +53,8 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   sets ``.grad = None`` and drops the device gradient when the copy's event
 #   has completed. The host add runs on a single helper thread (so a large add
 #   does not hold up the autograd thread's kernel launches); entering phase HOST
-#   waits for it and points ``.grad`` at the accumulator again.
+#   waits for it and points ``.grad`` at the accumulator again. The copy, the
+#   staging ring and the adder thread are ``GradOffload`` (lms/weights_grads.py).
 # Rule 6 (stream ordering, see NOTE [Copy ordering]). Shell storage is resized on
 #   the compute stream, so the caching allocator recycles it in compute order.
 #   A fill waits for the compute stream, runs on the h2d stream and records an
@@ -126,7 +127,6 @@ import functools
 import os
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -139,6 +139,7 @@ from .errors import LMSError
 from .pool import HostBlock
 from .runtime import ModelHook
 from .transfer import Copy
+from .weights_grads import GradOffload, typed_view
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_plan import (
     ModuleNeed,
@@ -157,9 +158,6 @@ __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 # link stays busy through a block's compute. The budget bounds it further. (Not
 # yet tuned on a GPU; benchmarks/model_size.py is where to tune it.)
 MAX_AHEAD = 4
-# Staging blocks for gradients added to their accumulator on the host: enough to
-# keep copies and adds overlapping, allocated once (the largest parameter each).
-STAGING_SLOTS = 4
 # Bytes of optimizer state per parameter byte expected on the host (Adam's two
 # moments); used only to refuse up front what would exhaust host memory.
 HOST_OPTIMIZER_FACTOR = 2
@@ -190,7 +188,7 @@ class PagedParam:
         self.param = param
         self.nbytes = param.numel() * param.element_size()
         self.master_block = master_block
-        self.master = _typed_view(master_block, param)
+        self.master = typed_view(master_block, param)
         self.shell = shell
         self.where = Where.OUT
         self.fill: Copy | None = None
@@ -203,38 +201,6 @@ class PagedParam:
 
     def storage(self) -> torch.UntypedStorage:
         return self.shell.untyped_storage()
-
-
-class _GradCopy:
-    """A gradient on its way to host: the device tensor is kept until ``event``."""
-
-    __slots__ = ("pp", "grad", "event", "tmp", "slot")
-
-    def __init__(
-        self,
-        pp: PagedParam,
-        grad: torch.Tensor,
-        event: Any,
-        tmp: torch.Tensor | None,
-        slot: _Slot | None,
-    ) -> None:
-        self.pp, self.grad, self.event = pp, grad, event
-        self.tmp, self.slot = tmp, slot
-
-
-class _Slot:
-    """A staging block for a gradient that is added to its accumulator on the host.
-
-    Reused in a ring (``STAGING_SLOTS``), so accumulation allocates host memory once
-    and no more: a slot is handed out again only after its copy and its add are done.
-    """
-
-    __slots__ = ("block", "copy", "add")
-
-    def __init__(self, block: HostBlock) -> None:
-        self.block = block
-        self.copy: _GradCopy | None = None  # copy into it, not yet reaped
-        self.add: Future | None = None  # its add on the adder thread
 
 
 class _Residency:
@@ -288,12 +254,6 @@ class _PagedModuleHook(ModelHook):
                 "device); pickle it between steps, e.g. after optimizer.step()"
             )
         return super().__reduce__()
-
-
-def _typed_view(block: HostBlock, like: torch.Tensor) -> torch.Tensor:
-    """The first bytes of ``block`` as a contiguous tensor shaped like ``like``."""
-    nbytes = like.numel() * like.element_size()
-    return block.view(nbytes).view(like.dtype).view(like.shape)
 
 
 def _mem_available() -> int:
@@ -412,7 +372,6 @@ class WeightPaging:
         self._handles: list[Any] = []
         self._out_hooks: list[Any] = []  # pre-backward tensor hooks of pending graphs
         self._kept: set[PagedParam] = set()
-        self._pending: list[_GradCopy] = []
         self._awaiting: set[PagedParam] = set()
         self._deferred = False
         self._graph_pending = False
@@ -429,18 +388,9 @@ class WeightPaging:
         self.prefetched = 0
         self.on_demand = 0
         self._no_backward_fetch: set[int] = set()  # Rule 11, from each module's last call
-        self._slots: list[_Slot] = []  # staging ring for host accumulation (Rule 5)
-        self._next_slot = 0
-        # Rule 5: host-side accumulation runs here, off the autograd thread, so that
-        # a large add does not hold up the kernel launches of the rest of backward.
-        # One thread keeps the adds into one accumulator in issue order.
-        self._adder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lms-weights-acc")
-        self._adds: list[Future] = []
-        try:
-            self._setup()
-        except BaseException:
-            self._adder.shutdown(wait=False)
-            raise
+        self._setup()
+        # Rule 5; its staging blocks hold the largest paged parameter.
+        self.grads = GradOffload(runtime, max((pp.nbytes for pp in self.paged), default=0))
 
     def _setup(self) -> None:
         device = self.rt.device
@@ -483,7 +433,7 @@ class WeightPaging:
                 created.append(pp)
                 if p.requires_grad:
                     pp.acc_block = self.rt.pool.acquire(pp.nbytes)
-                    pp.acc = _typed_view(pp.acc_block, p)
+                    pp.acc = typed_view(pp.acc_block, p)
         except BaseException:
             # Nothing was changed on the model yet: give the host memory back.
             if block is not None:
@@ -629,7 +579,7 @@ class WeightPaging:
                     continue
                 if pp in self._awaiting:
                     self._awaiting.discard(pp)
-                    self._offload_grad(pp)
+                    self.grads.send(pp)
                 elif self.phase is Phase.DEVICE and p.grad is not None and p.grad is not pp.acc:
                     # Announced before LMS's own grad hook ran (the reducer's hook came
                     # first), or a parameter unused here that the reducer filled in.
@@ -640,7 +590,7 @@ class WeightPaging:
                             "value would miss it; call lms.enable before ddl.wrap (LMS's "
                             "hooks must run first) when accumulating gradients"
                         )
-                    self._offload_grad(pp)
+                    self.grads.send(pp)
             if self._ended_awaiting and not self._awaiting:
                 self._ended_awaiting = False
                 self._finish_backward()
@@ -686,15 +636,12 @@ class WeightPaging:
             if to_device:
                 for opt in list(self._optimizers):
                     move_state(opt, self._by_param, self._state_home(False), to_host=False)
+            self.grads.close()
             for pp in self.paged:
                 self._free_blocks(pp)
-            for slot in self._slots:
-                self.rt.pool.release(slot.block)
-            self._slots.clear()
             self.paged.clear()
             self._by_param.clear()
             self._storage_ptrs.clear()
-            self._adder.shutdown(wait=True)
 
     def __enter__(self) -> WeightPaging:
         return self
@@ -731,7 +678,7 @@ class WeightPaging:
         if self.phase is Phase.HOST:
             return
         self._check_no_awaiting("the optimizer step")
-        self._reap(block=True)
+        self.grads.reap(block=True)
         for pp in self.paged:
             self._release(pp)
         self.rt.transfers.synchronize()  # Rule 6: host code reads and writes next
@@ -755,7 +702,7 @@ class WeightPaging:
     def _awaiting_flush(self) -> None:
         for pp in list(self._awaiting):
             self._awaiting.discard(pp)
-            self._offload_grad(pp)
+            self.grads.send(pp)
         self._ended_awaiting = False
 
     # -- residency -----------------------------------------------------------
@@ -927,7 +874,7 @@ class WeightPaging:
                         f"parameter {pp.name!r} has a .grad of shape {tuple(g.shape)}; "
                         "assign gradients of the parameter's shape"
                     )
-                self._reap(block=True)  # earlier adds into acc must land first
+                self.grads.reap(block=True)  # earlier adds into acc must land first
                 with torch.no_grad():
                     pp.acc.copy_(g)
                 pp.acc_valid = True
@@ -947,98 +894,10 @@ class WeightPaging:
             if self._deferred:
                 if param.grad is not None:
                     if pp.acc_valid:
-                        self._fold_accumulated(pp)  # Rule 8: the reducer sees the whole sum
+                        self.grads.fold(pp)  # Rule 8: the reducer sees the whole sum
                     self._awaiting.add(pp)
                 return
-            self._offload_grad(pp)
-
-    def _fold_accumulated(self, pp: PagedParam) -> None:
-        """Add the host-accumulated gradient into the device ``.grad`` (Rule 8).
-
-        ``new + old`` on the device is the same single add AccumulateGrad would have
-        done (``old + new``), so the reducer sees bitwise the gradient it sees without
-        LMS; the accumulator is then overwritten by the offload.
-        """
-        tr = self.rt.transfers
-        grad = pp.param.grad
-        self._reap(block=True)  # the accumulator must hold every earlier add
-        with torch.profiler.record_function("lms::weights::fold_h2d"):
-            old = tr.copy_in(torch.empty_like(grad), pp.acc)  # allocated on compute
-        with torch.no_grad():
-            grad.add_(tr.wait(old))
-        pp.acc_valid = False
-
-    def _offload_grad(self, pp: PagedParam) -> None:
-        """Start copying ``pp``'s device gradient to host (Rule 5)."""
-        p = pp.param
-        grad = p.grad
-        if grad is None:
-            return
-        if pp.acc is None:
-            raise LMSError(f"parameter {pp.name!r} got a gradient but was frozen at enable")
-        tr = self.rt.transfers
-        tmp = slot = None
-        if pp.acc_valid:
-            slot = self._free_slot()
-            tmp = _typed_view(slot.block, p)
-            dst = tmp
-        else:
-            dst = pp.acc
-            pp.acc_valid = True
-        with torch.profiler.record_function("lms::weights::grad_d2h"):
-            # Sent straight out: never counted as kept (NOTE [Memory budget] Rule 4).
-            self.rt.budget.charge(pp.nbytes, leaving=True)
-            event = tr.copy_out(dst, grad).event
-        p.grad = None
-        gc = _GradCopy(pp, grad, event, tmp, slot)
-        if slot is not None:
-            slot.copy = gc
-        self._pending.append(gc)
-        self._reap(block=False)
-
-    def _free_slot(self) -> _Slot:
-        """The next staging slot, once its previous copy and add are done."""
-        if not self._slots:
-            size = max(pp.nbytes for pp in self.paged)
-            self._slots = [_Slot(self.rt.pool.acquire(size)) for _ in range(STAGING_SLOTS)]
-        slot = self._slots[self._next_slot]
-        self._next_slot = (self._next_slot + 1) % len(self._slots)
-        if slot.copy is not None:
-            self.rt.transfers.block_on(Copy(slot.copy.grad, slot.copy.event))
-            self._reap(block=False)  # submits its add
-        if slot.add is not None:
-            slot.add.result()
-            slot.add = None
-        return slot
-
-    def _reap(self, block: bool) -> None:
-        """Finish gradient copies that are done (all of them if ``block``)."""
-        keep = []
-        for gc in self._pending:
-            if block:
-                self.rt.transfers.block_on(Copy(gc.grad, gc.event))
-            elif not gc.event.query():
-                keep.append(gc)
-                continue
-            if gc.slot is not None:
-                gc.slot.copy = None
-                gc.slot.add = self._adder.submit(self._add_on_host, gc)
-                self._adds.append(gc.slot.add)
-            self.rt.budget.release(gc.pp.nbytes, leaving=True)
-        self._pending = keep
-        if block:
-            self._drain_adds()
-
-    def _add_on_host(self, gc: _GradCopy) -> None:
-        """On the adder thread: accumulate one copied gradient (Rule 5)."""
-        with torch.no_grad():
-            gc.pp.acc.add_(gc.tmp)  # the add AccumulateGrad would have done
-
-    def _drain_adds(self) -> None:
-        """Wait for every host accumulation; re-raises the first error."""
-        adds, self._adds = self._adds, []
-        for f in adds:
-            f.result()
+            self.grads.send(pp)
 
     def _on_backward_end(self) -> None:
         with self.rt.lock:
@@ -1053,7 +912,7 @@ class WeightPaging:
                 torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
                 return
             self._requeued = False
-            self._reap(block=True)
+            self.grads.reap(block=True)
             if self._awaiting:
                 # Rule 8: the reducer still owes grads_ready; finish when it calls.
                 self._ended_awaiting = True
@@ -1147,7 +1006,7 @@ def attach_weight_paging(
         >>> from lms.config import LMSConfig
         >>> from lms.runtime import Runtime
         >>> m = nn.Linear(256, 256)
-        >>> rt = Runtime(torch.device("cpu"), LMSConfig(limit="64KiB", min_size=0, weights=True))
+        >>> rt = Runtime(torch.device("cpu"), LMSConfig(limit="1MiB", min_size=0, weights=True))
         >>> h = attach_weight_paging(m, rt)
         >>> h.paged_names
         ['weight', 'bias']

@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
 from lms.weights import WeightPaging, Where
+from lms.weights_grads import GradOffload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*without fused=True")]
 
@@ -145,7 +146,7 @@ def test_stream_race_with_delayed_weight_copies(monkeypatch):
     model = GPT(CFG).cuda()
     x, y = batch()
     want_loss, want = reference(model, x, y)
-    fetch, offload = WeightPaging._fetch, WeightPaging._offload_grad
+    fetch, offload = WeightPaging._fetch, GradOffload.send
 
     def slow_fetch(self, pp):
         if pp.where is Where.OUT:
@@ -159,7 +160,7 @@ def test_stream_race_with_delayed_weight_copies(monkeypatch):
         offload(self, pp)
 
     monkeypatch.setattr(WeightPaging, "_fetch", slow_fetch)
-    monkeypatch.setattr(WeightPaging, "_offload_grad", slow_offload)
+    monkeypatch.setattr(GradOffload, "send", slow_offload)
     with lms.enable(model, limit=0, min_size="64KiB", weights=True) as handle:
         for _ in range(2):
             loss, got = grads(model, x, y)

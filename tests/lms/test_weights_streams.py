@@ -52,7 +52,7 @@ def test_weight_copies_follow_the_stream_rules_and_match_plain_training():
             opt.zero_grad()
         # Backward has ended: every gradient copy was reported done before LMS let
         # go of its device gradient, and nothing is still pending.
-        assert pager._pending == []
+        assert pager.grads.pending == []
         assert all(e.left == 0 for e in records(t.d2h))
 
     # Fills: the h2d stream waits for compute before every fill (the shell's memory
