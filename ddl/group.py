@@ -164,14 +164,15 @@ def _as_timedelta(timeout: float | datetime.timedelta) -> datetime.timedelta:
 def init(
     backend: str | None = None,
     local_size: int | None = None,
-    timeout: float | datetime.timedelta = _DEFAULT_TIMEOUT_S,
-    check: bool = True,
+    timeout: float | datetime.timedelta | None = None,
+    check: bool | None = None,
 ) -> Topology:
     """Join the job started by torchrun and build ddl's groups.
 
     If ``torch.distributed`` is already initialised (by you, or another library), ddl
     adopts that job; otherwise it initialises it from torchrun's environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Calling ``init`` twice is harmless.
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Calling ``init`` again returns the
+    running job's topology; asking it for other settings than the running ones raises.
 
     Args:
         backend: ``"nccl"`` / ``"gloo"`` / ...; default ``"nccl"`` when CUDA is available,
@@ -180,16 +181,17 @@ def init(
             else the world size. Set it (or ``DDL_LOCAL_SIZE``) to simulate several nodes
             on one machine.
         timeout: seconds (or a timedelta) any single collective may take before it fails
-            with a DDLError naming the ranks that did not arrive.
+            with a DDLError naming the ranks that did not arrive; default 300.
         check: check before each ``allreduce`` that all ranks pass the same shape, dtype,
-            op and algorithm (one small Gloo all-gather). ``wrap`` checks its bucket
-            layout once, whatever this says.
+            op and algorithm (one small Gloo all-gather); default True. ``wrap`` checks
+            its bucket layout once, whatever this says.
 
     Returns:
         The :class:`~ddl.topology.Topology` (world size, local size).
 
     Raises:
-        DDLError: when not launched by torchrun and no job exists, or on a bad local size.
+        DDLError: when not launched by torchrun and no job exists, on a bad local size,
+            or when ddl is already running with other settings than those passed.
 
     Example:
         >>> import ddl  # one rank here; under torchrun every rank runs the same
@@ -201,9 +203,10 @@ def init(
         >>> ddl.shutdown()
     """
     global _STATE, _GENERATION
+    td = _as_timedelta(_DEFAULT_TIMEOUT_S if timeout is None else timeout)
     if _STATE is not None:
+        _check_same_settings(_STATE, backend, local_size, None if timeout is None else td, check)
         return _STATE.topology
-    td = _as_timedelta(timeout)
     if not dist.is_available():
         raise DDLError("torch.distributed is not available in this build of torch")
     owns = False
@@ -266,10 +269,33 @@ def init(
         cpu_down=cpu_down,
         store=store,
         owns_default_group=owns,
-        check=bool(check),
+        check=True if check is None else bool(check),
         worker=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ddl-comm"),
     )
     return topo
+
+
+def _check_same_settings(
+    state: _State,
+    backend: str | None,
+    local_size: int | None,
+    timeout: datetime.timedelta | None,
+    check: bool | None,
+) -> None:
+    """A repeated ``init`` may only ask for what is running: silently keeping the old
+    settings would, e.g., run flat rings where the caller asked for simulated nodes."""
+    asked = {
+        "backend": (backend, state.backend),
+        "local_size": (local_size, state.topology.local_size),
+        "timeout": (timeout, state.timeout),
+        "check": (None if check is None else bool(check), state.check),
+    }
+    differ = [f"{k}={a!r} (running: {r!r})" for k, (a, r) in asked.items() if a not in (None, r)]
+    if differ:
+        raise DDLError(
+            f"ddl is already initialised with other settings: {', '.join(differ)}; call "
+            "ddl.shutdown() first to start again with new ones"
+        )
 
 
 def _device_index() -> int:

@@ -70,16 +70,19 @@ def _misuse():
     # Different operations at the same point: an allreduce meets a wrap.
     mixed = torch.nn.Linear(2, 2)
     expect("mixed", lambda: ddl.allreduce(torch.ones(2)) if r == 0 else ddl.wrap(mixed))
+    # A repeated init may restate the running settings, but not change them.
+    same = ddl.init(local_size=2, timeout=20.0, check=True) is ddl.topology()
+    expect("reinit", lambda: ddl.init(local_size=1, timeout=20.0))
     # Still healthy: a normal collective gives the right answer.
     t = torch.full((5,), float(r))
     ddl.allreduce(t, op="sum", algorithm="ring")
-    return caught, t.tolist()
+    return caught, t.tolist(), same
 
 
 def test_misuse_raises_everywhere_and_leaves_state_usable():
     results = run_ranks(_misuse, 3, local_size=2, ddl_timeout=20)
-    for caught, after in results:
-        assert after == [3.0] * 5
+    for caught, after, same in results:
+        assert after == [3.0] * 5 and same
         msgs = {k: v for k, v in caught.items()}
         assert all(v is not None for v in msgs.values()), msgs
         assert (
@@ -98,6 +101,7 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         assert "no parameters" in msgs["wrap_empty"]
         assert "same model" in msgs["wrap_layout"]
         assert "already wrapped" in msgs["wrap_twice"]
+        assert "local_size=1 (running: 2)" in msgs["reinit"] and "timeout" not in msgs["reinit"]
         assert "ranks [0]: allreduce" in msgs["mixed"] and "ranks [1, 2]: ddl.wrap" in msgs["mixed"]
 
 
