@@ -282,6 +282,7 @@ class ActivationSwapper:
         return [
             self.model.register_forward_pre_hook(ModelHook(self._enter)),
             self.model.register_forward_hook(ModelHook(self._exit), always_call=True),
+            self.budget.add_evictor(self._make_room),
         ]
 
     def _scopes(self) -> list[Any]:
@@ -453,6 +454,21 @@ class ActivationSwapper:
         for key in plan_evictions(resident, need):
             self._evict(self._resident[key])
         self._throttle(self._largest)
+
+    def _make_room(self, need: int) -> None:
+        """Evict about ``need`` bytes for another pager (NOTE [Memory budget] Rule 6).
+
+        The same choice as for a new entry of our own: oldest saved first, and in
+        backward only entries not used yet (Rule 5).
+        """
+        with self._critical():
+            self._reap()
+            on_device = self._resident
+            if self.phase is not Phase.BACKWARD and self._returned:
+                on_device = {**self._resident, **self._returned}
+            for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
+                self._evict(on_device[key])
+            self._throttle(need)
 
     def _evict(self, entry: _Entry) -> None:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""

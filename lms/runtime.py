@@ -30,15 +30,23 @@
 #    (``note_tensor``), which is how the allocator's peak stays within about one
 #    largest tensor of the limit. Without a measure (the CPU) it stays 0, so LMS's
 #    own accounting obeys the limit exactly.
+# 6. One budget, one eviction order. A pager that must bring bytes in now (a
+#    paged module's weights before it runs) calls ``make_room(n)``: the budget
+#    asks its evictors (the activation swapper) to send out what is needed
+#    furthest in the future until ``n`` more fit. Without it the weights would be
+#    charged on top of activations already filling the limit, and the limit
+#    would hold for each pager but not for their sum.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .config import LMSConfig, format_bytes, physical_memory
 from .errors import LMSError
@@ -141,6 +149,8 @@ class MemoryBudget:
         self.resident_bytes = 0
         self.leaving_bytes = 0
         self.reserve = 0  # Rule 5
+        # Rule 6. An OrderedDict: RemovableHandle keeps a weak reference to it.
+        self._evictors: OrderedDict[int, Callable[[int], None]] = OrderedDict()
         self._lock = threading.RLock()
 
     def charge(self, nbytes: int, leaving: bool = False) -> None:
@@ -204,6 +214,24 @@ class MemoryBudget:
     def headroom(self) -> int:
         """Bytes that still fit under the limit (never negative)."""
         return max(0, -self.excess())
+
+    def add_evictor(self, evict: Callable[[int], None]) -> RemovableHandle:
+        """Register ``evict(nbytes)``, which sends out up to ``nbytes`` (Rule 6)."""
+        handle = RemovableHandle(self._evictors)
+        self._evictors[handle.id] = evict
+        return handle
+
+    def make_room(self, extra: int) -> None:
+        """Ask the evictors to free what ``extra`` more bytes need (Rule 6).
+
+        What cannot be freed (nothing evictable is resident) is left over: the
+        caller brings its bytes in regardless, because it needs them to run.
+        """
+        for evict in list(self._evictors.values()):
+            need = self.excess(extra)
+            if need <= 0:
+                return
+            evict(need)
 
 
 class Runtime:

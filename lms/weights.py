@@ -713,6 +713,9 @@ class WeightPaging:
             return
         tr = self.rt.transfers
         with torch.profiler.record_function("lms::weights::h2d"):
+            # Activations needed later than this module leave first (NOTE [Memory budget]
+            # Rule 6); prefetches beyond the very next module fit in the headroom anyway.
+            self.rt.budget.make_room(pp.nbytes)
             storage = pp.storage()
             storage.resize_(pp.nbytes)  # on the compute stream
             self.rt.budget.charge(pp.nbytes)

@@ -453,6 +453,32 @@ def test_enable_pages_weights_and_activations_under_one_limit(autocast):
     assert all(p.untyped_storage().nbytes() > 0 for p in paged.parameters())
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["one_budget", "no_make_room"])
+def test_weights_coming_in_push_activations_out_under_one_limit(shared, monkeypatch):
+    # NOTE [Memory budget] Rule 6. Eight 64 KiB layers, each saving a 64 KiB input:
+    # in forward, activations fill the limit and then every layer's weight must come
+    # in. Without make_room the weight lands on top of them, over the limit.
+    if not shared:
+        monkeypatch.setattr(lms.runtime.MemoryBudget, "make_room", lambda self, extra: None)
+    torch.manual_seed(0)
+    layers = [nn.Linear(128, 128, bias=False) for _ in range(8)]
+    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())])
+    base = copy.deepcopy(model)
+    x = torch.randn(128, 128)
+    limit = 256 * 1024
+    with lms.enable(model, limit=limit, min_size="32KiB", weights=True) as handle:
+        out = model(x)
+        forward_peak = handle.stats().peak_resident_bytes
+        out.square().mean().backward()
+        base(x).square().mean().backward()
+        for a, b in zip(base.parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    if shared:
+        assert forward_peak <= limit
+    else:
+        assert forward_peak > limit  # the failure this rule prevents
+
+
 def test_enable_auto_leaves_weights_alone_when_they_fit():
     _, paged = pair()
     with lms.enable(paged, limit="1GiB", weights="auto") as handle:
