@@ -78,7 +78,7 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="seconds; rows not started by then are skipped (default: 60 with "
-        "--quick, so gpu_check.sh's 90 s limit always gets the results)",
+        "--quick); gpu_check.sh passes one that fits its own time limit",
     )
     return p.parse_args(argv)
 
