@@ -67,16 +67,44 @@ class ModelHook:
     (NOTE [Activation swapping] Rule 1, NOTE [Weight paging] Rule 12).
     """
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "refuse_compile")
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], refuse_compile: str | None = None) -> None:
         self.fn = fn
+        # NOTE [LMS under torch.compile]: the error to raise when traced, if any.
+        self.refuse_compile = refuse_compile
 
     def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
+        if self.refuse_compile is not None and torch.compiler.is_compiling():
+            _refuse(self.refuse_compile)
+        return _run_eagerly(self.fn, args)
 
     def __reduce__(self) -> tuple:
         return (_Inert, ())
+
+
+# NOTE [LMS under torch.compile]
+# 1. Every LMS module hook runs eagerly (``torch.compiler.disable``): hooks move
+#    storages between streams and re-point ``.data``, side effects that a traced
+#    graph would not replay. Dynamo breaks the graph at each hook instead.
+# 2. Activation swapping then works under ``torch.compile``: AOTAutograd calls the
+#    saved-tensor hooks on the tensors its compiled forward saves (on the CPU,
+#    gradients were bitwise equal to the compiled model without LMS).
+# 3. Weight paging does not: compiled code read a released (0-byte) parameter
+#    storage and crashed the process in our CPU check. Its hooks carry
+#    ``refuse_compile``; ``is_compiling()`` is a constant while Dynamo traces, so a
+#    traced hook calls ``_refuse``, itself run eagerly, which raises ``LMSError``
+#    when the compiled code reaches it, before any paged parameter is read.
+
+
+@torch.compiler.disable
+def _run_eagerly(fn: Callable[..., Any], args: tuple) -> Any:
+    return fn(*args)
+
+
+@torch.compiler.disable
+def _refuse(message: str) -> None:
+    raise LMSError(message)
 
 
 class _Inert:

@@ -163,6 +163,14 @@ MAX_AHEAD = 4
 HOST_OPTIMIZER_FACTOR = 2
 
 
+# NOTE [LMS under torch.compile] Rule 3 (lms/runtime.py).
+NO_COMPILE = (
+    "weight paging does not work under torch.compile (compiled code would read parameter "
+    "storage that LMS has released); run the model without torch.compile, or enable LMS "
+    "with weights=False (activation swapping works under torch.compile)"
+)
+
+
 class Phase(enum.Enum):
     """Where paged parameters point (NOTE [Weight paging] Rule 1)."""
 
@@ -231,7 +239,7 @@ class _PagedModuleHook(ModelHook):
     __slots__ = ("pager", "params")
 
     def __init__(self, fn: Callable[..., Any], pager: WeightPaging, params: list[PagedParam]):
-        super().__init__(fn)
+        super().__init__(fn, NO_COMPILE)
         self.pager = pager
         self.params = params  # the module's paged parameters (the list grows, Rule 3)
 
@@ -480,7 +488,7 @@ class WeightPaging:
 
     def _install_hooks(self) -> None:
         h = self._handles
-        h.append(self.model.register_forward_pre_hook(ModelHook(self._root_pre)))
+        h.append(self.model.register_forward_pre_hook(ModelHook(self._root_pre, NO_COMPILE)))
         for mname, module in self.model.named_modules():
             mine = [
                 self._by_param[id(p)]
@@ -490,7 +498,8 @@ class WeightPaging:
             if mine:
                 self._hook_module(mname, module, mine)
         # After the modules' post-hooks, so that it sees whether they built a graph.
-        h.append(self.model.register_forward_hook(ModelHook(self._root_post), always_call=True))
+        root_post = ModelHook(self._root_post, NO_COMPILE)
+        h.append(self.model.register_forward_hook(root_post, always_call=True))
         for pp in self.paged:
             if pp.param.requires_grad:
                 h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
@@ -509,7 +518,7 @@ class WeightPaging:
         # first, a copy reads the masters and never a released shell.
         module.__dict__["_parameters"] = module.__dict__.pop("_parameters")
         # The model's own post-hook must run before _root_post, which reads its effect.
-        post = ModelHook(functools.partial(self._mod_post, idx))
+        post = ModelHook(functools.partial(self._mod_post, idx), NO_COMPILE)
         h.append(module.register_forward_hook(post, always_call=True, prepend=module is self.model))
         h.append(module._register_state_dict_hook(ModelHook(self._state_dict_hook)))
         h.append(module._register_load_state_dict_pre_hook(ModelHook(self._load_pre_hook)))
