@@ -35,7 +35,11 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   grad cannot get a pre-backward hook; its parameters stay resident until the
 #   backward ends. A weight read outside the forward of a module that owns it
 #   (``x @ self.wte.weight.T`` in a parent) meets an empty storage and fails
-#   loudly; ``register_external_parameter`` declares such a use.
+#   loudly; ``register_external_parameter`` declares such a use. LMS declares the
+#   one such use inside torch.nn itself: ``nn.MultiheadAttention`` reads
+#   ``out_proj``'s weights in its own forward and never calls ``out_proj``. LMS's
+#   pre-hook is the first of a module's forward pre-hooks, so a user's pre-hook
+#   that reads the weights (``torch.nn.utils.weight_norm``) finds them resident.
 # Rule 4 (release after use). In forward the post-hook releases (refcounted: a
 #   tied weight is used by two modules). In backward the post-accumulate-grad
 #   hook releases: AccumulateGrad runs once all uses of the parameter have run,
@@ -296,6 +300,18 @@ def _backward_reads_weights(module: nn.Module, params: list[PagedParam], device_
     return True
 
 
+def _borrowed_params(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that ``module``'s own forward reads although a child module owns them.
+
+    NOTE [Weight paging] Rule 3. ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` and ``out_proj.bias`` to ``F.multi_head_attention_forward``
+    and never calls ``out_proj`` (an ``nn.Linear``), so its own hooks fetch them.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return list(module.out_proj.parameters())
+    return []
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (the per-device query is torch >= 2.4)."""
     try:
@@ -492,7 +508,7 @@ class WeightPaging:
         for mname, module in self.model.named_modules():
             mine = [
                 self._by_param[id(p)]
-                for p in module._parameters.values()
+                for p in [*module._parameters.values(), *_borrowed_params(module)]
                 if p is not None and id(p) in self._by_param
             ]
             if mine:
@@ -513,7 +529,10 @@ class WeightPaging:
         self._module_names.append(mname)
         h = self._handles
         pre = _PagedModuleHook(functools.partial(self._mod_pre, idx), self, mine)
-        h.append(module.register_forward_pre_hook(pre))
+        # First of the module's pre-hooks (Rule 3): a pre-hook registered before
+        # lms.enable may read the weights (torch.nn.utils.weight_norm computes
+        # ``weight`` from ``weight_g`` and ``weight_v`` in one).
+        h.append(module.register_forward_pre_hook(pre, prepend=True))
         # Rule 12: deepcopy and pickle visit ``__dict__`` in order; with the hooks
         # first, a copy reads the masters and never a released shell.
         module.__dict__["_parameters"] = module.__dict__.pop("_parameters")

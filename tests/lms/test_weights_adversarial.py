@@ -1,0 +1,555 @@
+"""Weight paging under training code a demanding user writes: parity first, then errors.
+
+Each test trains a model without LMS and a deep copy with ``lms.enable`` (weights
+paged, ``limit=0`` unless said otherwise) on the same data, and asserts that the
+numbers are bitwise equal (``torch.equal``). NOTE [Weight paging] in lms/weights.py
+has the rules that the fixes found here added (Rules 3, 5, 13, 14 and 15).
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import lms
+from lms.config import LMSConfig
+from lms.runtime import Runtime
+from lms.weights import Phase, attach_weight_paging
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
+
+
+class MLP(nn.Module):
+    def __init__(self, d=16, n=3, out=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def pair(make=MLP, seed=0):
+    torch.manual_seed(seed)
+    base = make()
+    return base, copy.deepcopy(base)
+
+
+def enable(model, limit=0, min_size=0):
+    handle = lms.enable(model, limit=limit, min_size=min_size, weights=True)
+    assert handle.weights is not None and handle.weights.paged_names
+    return handle
+
+
+def weights_only(model):
+    """Weight paging without activation swapping (for the cases noted where used)."""
+    rt = Runtime(torch.device("cpu"), LMSConfig(limit=0, min_size=0, weights=True))
+    pager = attach_weight_paging(model, rt)
+    assert pager.paged_names
+    return pager
+
+
+def data(n, shape=(8, 16), seed=1, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(*shape, generator=g), torch.randint(classes, (shape[0],), generator=g))
+        for _ in range(n)
+    ]
+
+
+def assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def step(model, opt, x, y, clip=None, set_to_none=True):
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if clip is not None:
+        clip(model)
+    opt.step()
+    opt.zero_grad(set_to_none=set_to_none)
+    return loss.detach()
+
+
+def train_both(base, paged, make_opt, batches, **kw):
+    for model in (base, paged):
+        opt = make_opt(model)
+        losses = [step(model, opt, x, y, **kw) for x, y in batches]
+        model._losses = losses
+    assert all(torch.equal(a, b) for a, b in zip(base._losses, paged._losses))
+    assert_same(base, paged)
+
+
+# -- optimizers ------------------------------------------------------------------
+
+
+def three_groups(model):
+    return torch.optim.AdamW(
+        [
+            {"params": list(model.layers[0].parameters()), "lr": 1e-2, "weight_decay": 0.1},
+            {"params": list(model.layers[1:].parameters()), "lr": 3e-3, "weight_decay": 0.0},
+            {"params": list(model.head.parameters()), "lr": 1e-3},
+        ]
+    )
+
+
+def test_param_groups_with_own_lr_and_weight_decay():
+    base, paged = pair()
+    enable(paged)
+    train_both(base, paged, three_groups, data(4))
+
+
+def test_a_group_of_only_resident_params_and_a_positive_limit():
+    base, paged = pair()
+    handle = enable(paged, limit="4KiB", min_size=100)  # biases (64 B) stay resident
+    assert not any("bias" in n for n in handle.weights.paged_names)
+
+    def make(model):
+        ws = [p for n, p in model.named_parameters() if "bias" not in n]
+        bs = [p for n, p in model.named_parameters() if "bias" in n]
+        return torch.optim.SGD([{"params": ws, "momentum": 0.9}, {"params": bs, "lr": 0.01}], 0.1)
+
+    train_both(base, paged, make, data(4))
+
+
+def test_add_param_group_after_enable_and_load_state_dict_mid_training():
+    base, paged = pair()
+    enable(paged)
+    batches = data(6)
+    for model in (base, paged):
+        opt = torch.optim.Adam(model.layers.parameters(), lr=1e-2)
+        for x, y in batches[:2]:
+            step(model, opt, x, y)
+        opt.add_param_group({"params": list(model.head.parameters()), "lr": 5e-3})
+        for x, y in batches[2:4]:
+            step(model, opt, x, y)
+        state = copy.deepcopy(opt.state_dict())
+        opt = torch.optim.Adam(model.layers.parameters(), lr=1e-2)
+        opt.add_param_group({"params": list(model.head.parameters()), "lr": 5e-3})
+        opt.load_state_dict(state)
+        for x, y in batches[4:]:
+            step(model, opt, x, y)
+    assert_same(base, paged)
+
+
+def test_scheduler_and_grad_norm_clipping_read_host_grads():
+    base, paged = pair()
+    enable(paged)
+
+    norms = []
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+        for x, y in data(5):
+            F.cross_entropy(model(x), y).backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(norms[:5], norms[5:]))
+    assert_same(base, paged)
+
+
+def test_foreach_with_zero_grad_set_to_none_false_and_clip_value():
+    base, paged = pair()
+    enable(paged)
+    make = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True)  # noqa: E731
+    clip = lambda m: torch.nn.utils.clip_grad_value_(m.parameters(), 0.01)  # noqa: E731
+    train_both(base, paged, make, data(4), clip=clip, set_to_none=False)
+
+
+def test_optimizer_over_a_subset_and_two_optimizers():
+    base, paged = pair()
+    enable(paged)
+    for model in (base, paged):
+        o1 = torch.optim.Adam(model.layers[1:].parameters(), lr=1e-2)
+        o2 = torch.optim.SGD(model.head.parameters(), lr=0.1)
+        for x, y in data(3):
+            F.cross_entropy(model(x), y).backward()
+            o1.step()
+            o2.step()
+            o1.zero_grad()
+            o2.zero_grad()
+    assert_same(base, paged)
+    # layers[0] is in no optimizer: its gradient accumulates over the steps, as without LMS.
+    assert torch.equal(base.layers[0].weight.grad, paged.layers[0].weight.grad)
+
+
+def test_grad_scaler_bf16_autocast_and_user_grad_hooks():
+    base, paged = pair()
+    enable(paged)
+    for model in (base, paged):
+        model.layers[0].weight.register_hook(lambda g: g * 0.5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for x, y in data(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert_same(base, paged)
+
+
+# -- models ----------------------------------------------------------------------
+
+
+class Shared(nn.Module):
+    """``a`` runs twice per forward; the order of ``a`` and ``b`` flips every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.flip = False
+
+    def forward(self, x):
+        order = (self.b, self.a, self.a) if self.flip else (self.a, self.b, self.a)
+        for m in order:
+            x = torch.tanh(m(x))
+        return self.head(x)
+
+
+def test_shared_submodule_twice_per_forward_in_changing_orders():
+    base, paged = pair(Shared)
+    enable(paged)
+    for model in (base, paged):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for i, (x, y) in enumerate(data(5)):
+            model.flip = i % 2 == 1
+            step(model, opt, x, y)
+    assert_same(base, paged)
+
+
+def test_train_eval_no_grad_inference_and_unused_graph_between_steps():
+    base, paged = pair()
+    handle = enable(paged)
+    outs = {id(base): [], id(paged): []}
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in data(3):
+            _ = F.cross_entropy(model(x * 2), y)  # a graph nobody runs backward on
+            loss = F.cross_entropy(model(x), y)
+            with torch.no_grad():
+                outs[id(model)].append(model(x * 3))  # inside a pending graph
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            model.eval()
+            with torch.inference_mode():
+                outs[id(model)].append(model(x))
+            model.train()
+    assert all(torch.equal(a, b) for a, b in zip(outs[id(base)], outs[id(paged)]))
+    assert_same(base, paged)
+    assert handle.weights.phase is Phase.HOST
+
+
+def test_retain_graph_two_backwards_and_accumulation():
+    base, paged = pair()
+    enable(paged)
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i, (x, y) in enumerate(data(4)):
+            loss = F.cross_entropy(model(x), y) / 2
+            loss.backward(retain_graph=True)
+            (loss * 0.5).backward()
+            if i % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+    assert_same(base, paged)
+
+
+class Ckpt(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            f = lambda t, blk=blk: torch.tanh(blk(t))  # noqa: E731
+            x = checkpoint(f, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing(reentrant):
+    base, paged = pair(lambda: Ckpt(reentrant))
+    enable(paged)
+    batches = [(x.requires_grad_(), y) for x, y in data(3)]
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    train_both(base, paged, make, batches)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = x.view(2, 4, 16)
+        a, _ = self.att(x, x, x)
+        return self.head(self.enc(a).reshape(8, 16))
+
+
+def test_multihead_attention_and_transformer_encoder():
+    # Was: "out of bounds for storage of size 0". MultiheadAttention's forward reads
+    # out_proj.weight itself and never calls out_proj, whose hooks fetch it (Rule 3).
+    base, paged = pair(Attention)
+    handle = enable(paged)
+    assert "att.out_proj.weight" in handle.weights.paged_names
+    train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), data(3))
+    for model in (base, paged):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(base(data(1)[0][0]), paged(data(1)[0][0]))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.rnn = cls(16, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.view(2, 4, 16))
+        return self.head(out.reshape(8, 16))
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_recurrent_layers_flat_weights(cls):
+    # Weights only: with activation swapping on as well, GRU gradients differ (the
+    # xfail below); that is lms/activations.py, not weight paging.
+    base, paged = pair(lambda: Recurrent(cls))
+    weights_only(paged)
+    train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), data(3))
+
+
+@pytest.mark.xfail(reason="lms/activations.py: GRU saved tensors come back wrong", strict=False)
+def test_gru_with_activation_swapping():
+    base, paged = pair(lambda: Recurrent(nn.GRU))
+    lms.enable(paged, limit=0, min_size=0, weights=False)
+    train_both(base, paged, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), data(1))
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.fc = nn.Conv2d(8, 4, 3), nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x.view(8, 3, 6, 6))))
+        return self.fc(F.relu(self.c2(x)).flatten(1))
+
+
+def test_conv_batchnorm_buffers_and_eval():
+    base, paged = pair(ConvBN)
+    enable(paged)
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    train_both(base, paged, make, data(3, shape=(8, 108)))
+    for model in (base, paged):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(base(data(1, (8, 108))[0][0]), paged(data(1, (8, 108))[0][0]))
+
+
+def with_weight_norm(parametrized):
+    torch.manual_seed(0)
+    model = MLP()
+    if parametrized:
+        torch.nn.utils.parametrizations.weight_norm(model.layers[1])
+    else:
+        torch.nn.utils.weight_norm(model.layers[1])  # a forward pre-hook reads g and v
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+@pytest.mark.parametrize("parametrized", [True, False], ids=["parametrize", "legacy_hook"])
+def test_weight_norm(parametrized):
+    # Was (legacy): "data is not allocated": weight_norm's pre-hook ran before LMS's.
+    base, paged = with_weight_norm(parametrized), with_weight_norm(parametrized)
+    handle = enable(paged)
+    assert any("layers.1.weight_" in n or "original" in n for n in handle.weights.paged_names)
+    train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), data(3))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(10, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.emb(x))))
+
+
+def test_tied_embedding_and_head():
+    base, paged = pair(Tied)
+    enable(paged)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(10, (8,), generator=g), torch.randint(10, (8,), generator=g))]
+    train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), batches * 3)
+
+
+# -- lifecycle -------------------------------------------------------------------
+
+
+def test_remove_and_enable_again_between_steps():
+    base, paged = pair()
+    handle = enable(paged)
+    ob = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    op = torch.optim.AdamW(paged.parameters(), lr=1e-2)
+    for i, (x, y) in enumerate(data(6)):
+        if i == 2:
+            handle.remove()
+        if i == 4:
+            handle = enable(paged)
+        step(base, ob, x, y)
+        step(paged, op, x, y)
+    assert_same(base, paged)
+
+
+def test_state_dict_mid_step_and_rollback_with_load_state_dict():
+    base, paged = pair()
+    enable(paged)
+    batches = data(4)
+    snaps = []
+    for model in (base, paged):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for x, y in batches[:2]:
+            step(model, opt, x, y)
+        loss = F.cross_entropy(model(batches[2][0]), batches[2][1])
+        before = copy.deepcopy(model.state_dict())  # between forward and backward
+        loss.backward()
+        snaps.append((before, copy.deepcopy(model.state_dict())))
+        opt.step()
+        opt.zero_grad()
+        model.load_state_dict(before)
+        step(model, opt, *batches[3])
+    for k in snaps[0][0]:
+        assert torch.equal(snaps[0][0][k], snaps[1][0][k])
+        assert torch.equal(snaps[0][1][k], snaps[1][1][k])
+    assert_same(base, paged)
+
+
+def test_load_state_dict_between_forward_and_backward_fails_as_without_lms():
+    # Weights only: with activation swapping on, autograd's version check is off for
+    # tensors the swapper passes through, and the backward silently succeeds (a
+    # lms/activations.py matter; see the report).
+    _, paged = pair()
+    weights_only(paged)
+    x, y = data(1)[0]
+    state = copy.deepcopy(paged.state_dict())
+    loss = F.cross_entropy(paged(x), y)
+    paged.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_torch_save_model_and_optimizer_then_resume_into_a_new_lms_model():
+    _, paged = pair()
+    enable(paged)
+    batches = data(4)
+    opt = torch.optim.AdamW(paged.parameters(), lr=1e-2, fused=True)
+    for x, y in batches[:2]:
+        step(paged, opt, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": paged.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    torch.manual_seed(7)
+    resumed = MLP()
+    resumed.load_state_dict(ckpt["model"])
+    enable(resumed)
+    ropt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, fused=True)
+    ropt.load_state_dict(ckpt["opt"])
+    for x, y in batches[2:]:
+        step(paged, opt, x, y)
+        step(resumed, ropt, x, y)
+    assert_same(paged, resumed)
+
+
+class Fail(torch.autograd.Function):
+    on = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if Fail.on:
+            raise ValueError("backward failed")
+        return g
+
+
+class Failing(MLP):
+    boom = False
+
+    def forward(self, x):
+        x = torch.tanh(self.layers[0](x))
+        if self.boom:
+            raise ValueError("forward failed")
+        x = Fail.apply(x)
+        for layer in self.layers[1:]:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_exception_in_forward_then_training_goes_on():
+    base, paged = pair(Failing)
+    handle = enable(paged)
+    batches = data(3)
+    for model in (base, paged):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        step(model, opt, *batches[0])
+        model.boom = True
+        with pytest.raises(ValueError, match="forward failed"):
+            model(batches[1][0])
+        model.boom = False
+        step(model, opt, *batches[2])
+    assert_same(base, paged)
+    assert handle.runtime.budget.resident_bytes == 0
+
+
+def test_deepcopy_mid_step_and_averaged_model():
+    base, paged = pair()
+    enable(paged)
+    x, y = data(1)[0]
+    loss = F.cross_entropy(paged(x), y)
+    ema = copy.deepcopy(paged)  # shells released now; the copy reads the masters
+    loss.backward()
+    paged.zero_grad()
+    assert_same(base, ema)
+    for model in (base, paged):
+        swa = torch.optim.swa_utils.AveragedModel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for xb, yb in data(2):
+            step(model, opt, xb, yb)
+            swa.update_parameters(model)
+        model._swa = swa
+    assert_same(base._swa, paged._swa)
+
+
+def test_model_to_after_enable_is_refused_clearly():
+    _, paged = pair()
+    enable(paged)
+    paged.double()
+    with pytest.raises(lms.LMSError, match="replaced or moved"):
+        paged(torch.randn(2, 16, dtype=torch.double))
