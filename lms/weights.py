@@ -59,6 +59,10 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   does not hold up the autograd thread's kernel launches); entering phase HOST
 #   waits for it and points ``.grad`` at the accumulator again. The copy, the
 #   staging ring and the adder thread are ``GradOffload`` (lms/weights_grads.py).
+#   A parameter frozen at enable has no accumulator or hooks; the first forward
+#   that finds it trainable (``requires_grad_(True)`` between steps) gives it both,
+#   else AccumulateGrad would leave a device ``.grad`` behind. (The limit check of
+#   NOTE [Weight paging plan] Rule 5 counted no gradient for it.)
 # Rule 6 (stream ordering, see NOTE [Copy ordering]). Shell storage is resized on
 #   the compute stream, so the caching allocator recycles it in compute order.
 #   A fill waits for the compute stream, runs on the h2d stream and records an
@@ -210,6 +214,7 @@ class PagedParam:
         self.acc: torch.Tensor | None = None  # host gradient accumulator
         self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
         self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
+        self.armed = False  # its gradient hooks are installed (Rule 5)
 
     def storage(self) -> torch.UntypedStorage:
         return self.shell.untyped_storage()
@@ -455,7 +460,7 @@ class WeightPaging:
                 block = None
                 pp.storage().resize_(0)
                 created.append(pp)
-                if p.requires_grad:
+                if p.requires_grad or p.grad is not None:  # a frozen one may keep its .grad
                     pp.acc_block = self.rt.pool.acquire(pp.nbytes)
                     pp.acc = typed_view(pp.acc_block, p)
         except BaseException:
@@ -518,9 +523,18 @@ class WeightPaging:
         h.append(self.model.register_forward_hook(root_post, always_call=True))
         for pp in self.paged:
             if pp.param.requires_grad:
-                h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
-                h.append(pp.param.register_post_accumulate_grad_hook(self._grad_hook))
+                self._arm(pp)
         h.append(register_optimizer_step_pre_hook(self._optimizer_pre))
+
+    def _arm(self, pp: PagedParam) -> None:
+        """Give a trainable parameter its accumulator and gradient hooks (Rule 5)."""
+        if pp.acc is None:
+            pp.acc_block = self.rt.pool.acquire(pp.nbytes)
+            pp.acc = typed_view(pp.acc_block, pp.param)
+        h = self._handles
+        h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
+        h.append(pp.param.register_post_accumulate_grad_hook(self._grad_hook))
+        pp.armed = True
 
     def _hook_module(self, mname: str, module: nn.Module, mine: list[PagedParam]) -> int:
         idx = len(self._module_params)
@@ -692,6 +706,10 @@ class WeightPaging:
                     "(e.g. model.to(), param.data = ..., load_state_dict(assign=True)); "
                     "call handle.remove() first, then enable LMS again"
                 )
+            if p.requires_grad and not pp.armed:
+                # Frozen at enable, trainable now (requires_grad_(True)): without its
+                # hooks AccumulateGrad would leave a device .grad behind (Rule 5).
+                self._arm(pp)
             # ``.grad`` stays what it was (the host accumulator, or None) while the
             # data points at the shell, so that zero_grad() between forward and
             # backward still acts on it; _take_grad moves it aside (Rule 5).

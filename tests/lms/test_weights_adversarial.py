@@ -231,6 +231,35 @@ def test_shared_submodule_twice_per_forward_in_changing_orders():
     assert_same(base, paged)
 
 
+def test_requires_grad_toggled_after_enable():
+    # Was: a weight frozen at enable and unfrozen later had no accumulator or hooks,
+    # so its gradient stayed a device tensor (wrong device on a GPU). Rule 5.
+    base, paged = pair()
+    for model in (base, paged):
+        model.layers[1].weight.requires_grad_(False)
+        model.layers[2].weight.grad = torch.ones(16, 16)  # frozen with a leftover grad
+        model.layers[2].weight.requires_grad_(False)
+    handle = enable(paged)
+    pager = handle.weights
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i, (x, y) in enumerate(data(6)):
+            if i == 2:
+                model.layers[1].weight.requires_grad_(True)
+                model.layers[2].weight.requires_grad_(True)
+            if i == 3:
+                model.layers[0].weight.requires_grad_(False)
+            if i == 4:
+                model.layers[0].weight.requires_grad_(True)
+            F.cross_entropy(model(x), y).backward()
+            if model is paged and i >= 2:
+                w = paged.layers[1].weight
+                assert w.grad is pager._by_param[id(w)].acc  # offloaded to the host
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    assert_same(base, paged)
+
+
 def test_train_eval_no_grad_inference_and_unused_graph_between_steps():
     base, paged = pair()
     handle = enable(paged)
