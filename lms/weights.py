@@ -126,6 +126,36 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   pre-hook, copied first, seeds deepcopy's memo with parameters made from the
 #   masters; pickling then raises ``LMSError`` (pickle between steps) before any
 #   shell is read.
+# Rule 13 (a backward that raises leaves state as without LMS). An exception
+#   inside backward (a custom Function, a hook, an OOM) skips the end-of-backward
+#   callback, and gradients LMS took would stay hidden (``.grad`` None) while the
+#   accumulator holds them, so the user's ``zero_grad()`` could not clear them.
+#   The callback is a ``_BackwardEnd`` object: the engine frees it unrun with the
+#   failed backward, before the error reaches the caller, and its ``__del__``
+#   ends the backward then: ``.grad`` points at the accumulators again, holding
+#   what AccumulateGrad had summed before the error, exactly as without LMS, and
+#   the shells are released. (Checked on the CPU, where the backward runs on the
+#   caller's thread. On CUDA a device thread may drop the graph task a moment
+#   after the caller sees the error; not yet checked on a GPU.)
+# Rule 14 (``remove()`` mid-step). Between a forward and the end of its backward
+#   autograd holds views of the shells (Rule 2). ``remove()`` then fills every
+#   shell from its master and makes it the parameter's data (instead of a fresh
+#   copy), so a backward after ``remove()`` reads valid weights and accumulates
+#   into ``.grad`` as without LMS. ``remove(to_device=False)`` fills them too, but
+#   the parameters move to the host, so such a backward fails in AccumulateGrad
+#   on a device mismatch (loudly) on an accelerator: run it before ``remove``.
+# Rule 15 (a backward that builds a graph). ``torch.autograd.grad(loss, x,
+#   create_graph=True)`` (a gradient penalty) builds a graph whose nodes save the
+#   shells (``grad_x = grad_y @ W``) and run in a later backward at points no
+#   module hook sees. A backward that runs with grad mode on therefore keeps every
+#   weight it fetched resident (held, Rule 4) until the next backward ends or the
+#   optimizer steps, instead of going back to the host: correct, at the cost of
+#   those weights' device memory. Gradients it took aside (``autograd.grad(loss,
+#   params, create_graph=True)`` runs the Rule 5 hook but accumulates nothing) are
+#   shown in ``.grad`` again, so a ``zero_grad()`` before the next backward works.
+#   ``backward(create_graph=True)`` that gives a paged parameter a differentiable
+#   ``.grad`` is refused with ``LMSError``: the host accumulator cannot carry a
+#   graph.
 """
 
 from __future__ import annotations
@@ -133,6 +163,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -240,6 +271,32 @@ class _Residency:
         if m in self.unneeded:
             return True
         return all(pp.where is not Where.OUT for pp in self.module_params[m])  # type: ignore[index]
+
+
+class _BackwardEnd:
+    """The end-of-backward callback; dropped unrun when the backward raised (Rule 13).
+
+    The engine holds queued callbacks in the backward's graph task and frees them
+    with it, before the error reaches the caller. One that is freed without having
+    run tells the pager that the backward failed.
+    """
+
+    __slots__ = ("pager", "ran", "__weakref__")
+
+    def __init__(self, pager: WeightPaging) -> None:
+        self.pager = weakref.ref(pager)
+        self.ran = False
+
+    def __call__(self) -> None:
+        self.ran = True
+        pager = self.pager()
+        if pager is not None:
+            pager._on_backward_end()
+
+    def __del__(self) -> None:
+        pager = self.pager()
+        if not self.ran and pager is not None and not sys.is_finalizing():
+            pager._backward_abandoned()
 
 
 class _PagedModuleHook(ModelHook):
@@ -408,6 +465,7 @@ class WeightPaging:
         self._ended_awaiting = False
         self._requeued = False
         self._bwd_cursor: int | None = None
+        self._create_graph = False  # this backward builds a graph of its own (Rule 15)
         self._optimizers: weakref.WeakSet = weakref.WeakSet()
         self._warned: weakref.WeakSet = weakref.WeakSet()
         self._removed = False
@@ -661,18 +719,30 @@ class WeightPaging:
                 return
             self._removed = True
             self._awaiting_flush()
-            self._enter_host()
+            device = self.rt.device if to_device else torch.device("cpu")
+            # Rule 14: mid-step, autograd holds views of the shells; fill them and
+            # make them the parameters' data, so that a backward after remove() works.
+            keep_shells = self.phase is Phase.DEVICE
+            if keep_shells:
+                for pp in self.paged:
+                    self._acquire(pp)
+            self._enter_host(release=not keep_shells)
             for handle in self._handles + self._out_hooks:
                 handle.remove()
             self._handles.clear()
             self._out_hooks.clear()
-            device = self.rt.device if to_device else torch.device("cpu")
             for pp in self.paged:
                 p = pp.param
                 grad = p.grad
                 p.grad = None
-                # A copy even on the host: the pool blocks are handed out again.
-                p.data = pp.master.to(device, copy=True)
+                if keep_shells:
+                    self.rt.budget.release(pp.nbytes)  # the model's memory now, not LMS's
+                    pp.where = Where.OUT
+                if keep_shells and device == self.rt.device:
+                    p.data = pp.shell
+                else:
+                    # A copy even on the host: the pool blocks are handed out again.
+                    p.data = pp.master.to(device, copy=True)
                 if grad is not None:
                     p.grad = grad.to(device, copy=True)
             if to_device:
@@ -719,14 +789,18 @@ class WeightPaging:
             for pp in self._kept:
                 self._acquire(pp)
 
-    def _enter_host(self) -> None:
-        """Point paged parameters at their masters, gradients at the accumulators."""
+    def _enter_host(self, release: bool = True) -> None:
+        """Point paged parameters at their masters, gradients at the accumulators.
+
+        ``release=False`` (only ``remove()``, Rule 14) keeps the shells filled.
+        """
         if self.phase is Phase.HOST:
             return
         self._check_no_awaiting("the optimizer step")
         self.grads.reap(block=True)
-        for pp in self.paged:
-            self._release(pp)
+        if release:
+            for pp in self.paged:
+                self._release(pp)
         self.rt.transfers.synchronize()  # Rule 6: host code reads and writes next
         for pp in self.paged:
             p = pp.param
@@ -881,12 +955,14 @@ class WeightPaging:
         task = _graph_task_id()
         if self._callback_queued != task:
             self._callback_queued = task
-            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            end = _BackwardEnd(self)
+            torch.autograd.Variable._execution_engine.queue_callback(end)
 
     def _pre_backward(self, idx: int, needs: bool, grad: torch.Tensor) -> None:
         with self.rt.lock:
             self._queue_end()
             self._enter_device()
+            self._create_graph = self._create_graph or torch.is_grad_enabled()
             if needs:  # Rule 11: else this call's backward reads none of them
                 for pp in self._module_params[idx]:
                     self._acquire(pp)
@@ -938,6 +1014,13 @@ class WeightPaging:
             if pp is None or self.phase is not Phase.DEVICE:
                 return
             self._queue_end()
+            if param.grad is not None and param.grad.requires_grad:
+                raise LMSError(
+                    f"backward(create_graph=True) made the gradient of paged parameter "
+                    f"{pp.name!r} part of a graph, which LMS cannot move to the host; take "
+                    "higher-order gradients with torch.autograd.grad(..., inputs=...), "
+                    "or raise min_size or limit so that this parameter is not paged"
+                )
             # Rule 4: every use of the parameter in this backward has run.
             self._release(pp)
             if self._deferred:
@@ -962,10 +1045,48 @@ class WeightPaging:
                 return
             self._requeued = False
             self.grads.reap(block=True)
+            if self._create_graph:
+                # Rule 15: the graph this backward built reads the weights it fetched,
+                # at nodes LMS cannot hook; they stay until the next backward ends.
+                self._create_graph = False
+                for pp in self.paged:
+                    if pp.where is not Where.OUT:
+                        pp.held = True
+                        self._kept.add(pp)
+                    if pp.grad_taken:
+                        # autograd.grad(loss, params) took .grad aside (Rule 5) without
+                        # accumulating: show it again, so zero_grad() reaches it.
+                        self._show_grad(pp)
+                self._graph_pending = True
+                return
             if self._awaiting:
                 # Rule 8: the reducer still owes grads_ready; finish when it calls.
                 self._ended_awaiting = True
                 return
+            self._finish_backward()
+
+    def _show_grad(self, pp: PagedParam) -> None:
+        """Point ``.grad`` at the accumulator again (or None), in phase DEVICE too."""
+        p = pp.param
+        shell = p.data
+        p.data = pp.master  # .grad must match the data's device when assigned
+        p.grad = pp.acc if pp.acc_valid else None
+        p.data = shell
+        pp.grad_taken = False
+
+    def _backward_abandoned(self) -> None:
+        """A backward that started ended without its callback: it raised (Rule 13)."""
+        with self.rt.lock:
+            if self._removed or self.phase is Phase.HOST:
+                return
+            self._callback_queued = None
+            self._bwd_cursor = None
+            self._requeued = False
+            self._create_graph = False
+            # Gradients a deferred reducer never announced go to the accumulators, as
+            # AccumulateGrad would have left them in ``.grad`` without LMS.
+            self._awaiting_flush()
+            self.grads.reap(block=True)
             self._finish_backward()
 
     def _finish_backward(self) -> None:

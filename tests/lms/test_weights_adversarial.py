@@ -436,7 +436,68 @@ def test_tied_embedding_and_head():
     train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), batches * 3)
 
 
+@pytest.mark.parametrize("wrt", ["input", "params"])
+def test_gradient_penalty_with_create_graph(wrt):
+    # Was: "out of bounds for storage of size 0": the graph autograd.grad built reads
+    # the weights in the second backward, where no module hook fetches them; and
+    # w.r.t. the parameters, .grad stayed hidden from zero_grad() (Rule 15).
+    base, paged = pair()
+    handle = enable(paged)
+    seen = []
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in data(3):
+            x = x.clone().requires_grad_()
+            loss = F.cross_entropy(model(x), y)
+            inputs = [x] if wrt == "input" else list(model.parameters())
+            grads = torch.autograd.grad(loss, inputs, create_graph=True)
+            seen.append([p.grad is None for p in model.parameters()])
+            opt.zero_grad()
+            (loss + sum(g.pow(2).sum() for g in grads)).backward()
+            opt.step()
+    assert seen[:3] == seen[3:]
+    assert_same(base, paged)
+    assert handle.weights.phase is Phase.HOST
+    assert handle.runtime.budget.resident_bytes == 0
+
+
+def test_backward_create_graph_on_paged_params_is_refused_and_training_goes_on():
+    base, paged = pair()
+    handle = enable(paged)
+    (x, y), (x2, y2) = data(2)
+    with pytest.raises(lms.LMSError, match="create_graph=True"):
+        F.cross_entropy(paged(x), y).backward(create_graph=True)
+    assert handle.weights.phase is Phase.HOST  # Rule 13 put state back
+    paged.zero_grad()
+    for model in (base, paged):
+        step(model, torch.optim.SGD(model.parameters(), lr=0.1), x2, y2)
+    assert_same(base, paged)
+
+
 # -- lifecycle -------------------------------------------------------------------
+
+
+def test_remove_between_forward_and_backward():
+    # Was: the backward after remove() read released shells (Rule 14).
+    base, paged = pair()
+    handle = enable(paged)
+    batches = data(4)
+    ob = torch.optim.SGD(base.parameters(), lr=0.1, momentum=0.9)
+    op = torch.optim.SGD(paged.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches[:2]:
+        step(base, ob, x, y)
+        step(paged, op, x, y)
+    x, y = batches[2]
+    lb, lp = F.cross_entropy(base(x), y), F.cross_entropy(paged(x), y)
+    handle.remove()
+    lb.backward()
+    lp.backward()
+    for opt in (ob, op):
+        opt.step()
+        opt.zero_grad()
+    step(base, ob, *batches[3])
+    step(paged, op, *batches[3])
+    assert_same(base, paged)
 
 
 def test_remove_and_enable_again_between_steps():
@@ -539,6 +600,30 @@ class Failing(MLP):
         for layer in self.layers[1:]:
             x = torch.tanh(layer(x))
         return self.head(x)
+
+
+@pytest.mark.parametrize("zero", ["none", "zeros", "keep"])
+def test_exception_in_backward_then_training_goes_on(zero):
+    # Was: after a backward raised, the gradients LMS had taken stayed hidden from
+    # zero_grad(), and the next step added them in (Rule 13).
+    base, paged = pair(Failing)
+    handle = enable(paged)
+    batches = data(3)
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step(model, opt, *batches[0])
+        Fail.on = True
+        try:
+            with pytest.raises(ValueError, match="backward failed"):
+                F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+        finally:
+            Fail.on = False
+        if zero != "keep":
+            opt.zero_grad(set_to_none=zero == "none")
+        step(model, opt, *batches[2])
+    assert_same(base, paged)
+    assert handle.weights.phase is Phase.HOST
+    assert handle.runtime.budget.resident_bytes == 0
 
 
 def test_exception_in_forward_then_training_goes_on():
