@@ -8,6 +8,7 @@ Reads OUT_DIR/steps.tsv (name, exit status, seconds per step) and, for each step
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -57,4 +58,6 @@ def main(out: pathlib.Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(pathlib.Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=pathlib.Path, help="the folder gpu_check.sh wrote")
+    sys.exit(main(parser.parse_args().out_dir))

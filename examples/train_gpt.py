@@ -142,9 +142,10 @@ def memory_report(handle: lms.LMSHandle | None, device: torch.device) -> dict:
 def format_report(handle: lms.LMSHandle | None, device: torch.device, report: dict) -> str:
     if handle is None:
         peak = report["peak_device_bytes"]
-        return f"memory report ({device}, LMS off)\n" + (
-            f"peak device      {peak / 2**30:.3f} GiB (allocator)" if peak is not None else ""
-        )
+        if peak is None:  # the CPU has no allocator peak to show
+            return f"memory report ({device}, LMS off): peak device n/a (no allocator on the CPU)"
+        peak_line = f"peak device      {peak / 2**30:.3f} GiB (allocator)"
+        return f"memory report ({device}, LMS off)\n{peak_line}"
     return f"memory report ({device})\n" + handle.stats().summary()
 
 
