@@ -126,17 +126,17 @@ class _Entry:
         "version",
     )
 
-    def __init__(self, seq: int, storage: Any, nbytes: int, version: int) -> None:
+    def __init__(self, seq: int, storage: Any, ptr: int, nbytes: int, version: int) -> None:
         self.seq = seq
         self.nbytes = nbytes
         self.version = version  # the saved tensor's version when the entry was made (Rule 3)
-        self.ptr = storage.data_ptr()
+        self.ptr = ptr  # storage.data_ptr(), which the caller has read already
         self.storage_ref = weakref.ref(storage)
         self.where = Where.DEVICE
         self.storage = storage  # the device storage while LMS holds one, else None
         self.block = None  # HostBlock holding the host copy, once swapped
         self.copy: Copy | None = None  # the copy in flight, if any
-        self.refs = 0  # live _Packed objects
+        self.refs = 1  # live _Packed objects: made for the first one
         self.wanted = False  # unpacked while OUTGOING: keep the device copy
 
 
@@ -178,31 +178,39 @@ class _Packed:
 
 class _Section:
     """The critical section of NOTE [Activation swapping], Rule 7 (a plain class: this
-    runs several times per saved tensor, where ``contextlib`` costs microseconds)."""
+    runs several times per saved tensor, where ``contextlib`` costs microseconds).
 
-    __slots__ = ("owner", "outer")
+    ``owner._depth`` counts the sections open: they nest only on the thread that
+    holds the (reentrant) lock, so a plain counter read under the lock says
+    whether this thread is inside one already.
+    """
+
+    __slots__ = ("owner",)
 
     def __init__(self, owner: ActivationSwapper) -> None:
         self.owner = owner
-        self.outer: list[bool] = []  # per nesting level: did it open the section?
 
     def __enter__(self) -> None:
         owner = self.owner
         owner.lock.acquire()
-        self.outer.append(not owner._busy)
-        owner._busy = True
+        owner._depth += 1
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner
         try:
-            if self.outer.pop():
-                try:
-                    while owner._deferred:
-                        owner._release(owner._deferred.pop())
-                finally:
-                    owner._busy = False
+            if owner._depth == 1:
+                # Outermost: release what died meanwhile, still inside the section,
+                # so that entries freed by these releases are deferred to this loop.
+                while owner._deferred:
+                    owner._release(owner._deferred.pop())
         finally:
+            owner._depth -= 1
             owner.lock.release()
+
+
+def _pending(e: _Entry) -> bool:
+    """Swapped out and not yet asked back: a prefetch candidate (Rule 6)."""
+    return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
 
 
 def _hooks_allowed() -> bool:
@@ -257,8 +265,8 @@ class ActivationSwapper:
         self._cursor = -1  # prefetch position in _swapped, walking down in backward
         self._graveyard: deque[Copy] = deque()  # copies whose entry died while in flight
         self._largest = 0
-        self._busy = False  # inside a critical section (Rule 7)
-        self._deferred: list[_Entry] = []  # entries that died while busy
+        self._depth = 0  # critical sections open on the thread holding the lock (Rule 7)
+        self._deferred: list[_Entry] = []  # entries that died inside a nested section
         self._tasks: set[int] = set()  # autograd graph tasks (backwards) running now
         self._section = _Section(self)
         # Parameters and buffers, listed once: their storage pointers are re-read
@@ -270,6 +278,11 @@ class ActivationSwapper:
         # ``None`` turns the check off (weight paging moves parameters on purpose).
         self.home: torch.device | None = None
         self._empty = torch.empty(0, device=self.device)  # what version aliases hold (Rule 8)
+        # Empty tensors per dtype on the device: ``blank.new()`` makes the tensor that
+        # unpacking points at a storage (``set_``), at about half the cost of
+        # ``torch.empty(0, dtype=..., device=...)``, which parses its arguments. It
+        # lands on the blank's device (``Tensor.new`` guards it), on any thread.
+        self._blanks: dict[torch.dtype, torch.Tensor] = {}
 
     def _critical(self) -> _Section:
         """Hold the lock; release entries that died meanwhile on the way out (Rule 7)."""
@@ -381,13 +394,12 @@ class ActivationSwapper:
         version = t._version
         counter = t.detach()  # Rule 8
         counter.data = self._empty
-        with self._critical():
+        with self._section:
             entry = self._index.get(ptr)
             if entry is not None and entry.storage_ref() is storage and entry.version == version:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
                 return _Packed(self, entry, t, counter)
-            entry = _Entry(next(self._seq), storage, nbytes, version)
-            entry.refs = 1
+            entry = _Entry(next(self._seq), storage, ptr, nbytes, version)
             packed = _Packed(self, entry, t, counter)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
@@ -403,8 +415,15 @@ class ActivationSwapper:
         backward, so it is the last choice: it goes straight out only when evicting
         every older resident entry is not enough (always, at ``limit=0``).
         """
-        self._reap()
+        if self._outgoing or self._graveyard:
+            self._reap()
         need = self.budget.excess(entry.nbytes, allocated=True)
+        if need <= 0 and not self._outgoing:
+            # Fits, and no copy is in flight for _throttle to wait on: the common case
+            # while under the limit, without the eviction bookkeeping below.
+            self.budget.charge(entry.nbytes)
+            self._resident[entry.seq] = entry
+            return
         freed = 0
         block = None
         try:
@@ -449,7 +468,7 @@ class ActivationSwapper:
         """
         need = self.budget.excess()
         if need <= 0:
-            return
+            return  # under the limit: the common case
         resident = ((e.seq, e.nbytes) for e in self._resident.values() if e is not protect)
         for key in plan_evictions(resident, need):
             self._evict(self._resident[key])
@@ -497,7 +516,7 @@ class ActivationSwapper:
 
     def _send_out(self, entry: _Entry, block: Any) -> None:
         entry.block = block
-        flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(entry.storage)
+        flat = self._blank(torch.uint8).new().set_(entry.storage)
         entry.copy = self.transfers.to_host(flat, block)
         entry.where = Where.OUTGOING
         self._outgoing.append(entry)
@@ -530,31 +549,47 @@ class ActivationSwapper:
     # -- unpack: backward ---------------------------------------------------
 
     def _unpack(self, packed: Any) -> torch.Tensor:
-        if not isinstance(packed, _Packed):
-            return packed
+        if type(packed) is not _Packed:
+            return packed  # not ours: returned as saved
         packed.check_version()  # Rule 8, before anything changes
         entry = packed.entry
-        with self._critical():
+        with self._section:
             self._track_backward()
-            self._reap()
-            if entry.where is Where.HOST:
-                self._fetch(entry)  # not prefetched: on demand
-            if entry.where is Where.INCOMING:
-                self.transfers.wait(entry.copy)
-                entry.copy = None
-                entry.where = Where.BOTH
-                del self._prefetched[entry.seq]
-                self._returned[entry.seq] = entry
-            elif entry.where is Where.OUTGOING:
-                entry.wanted = True
-            elif entry.where is Where.DEVICE and entry.seq in self._resident:
-                # Never swapped, now in use: not a candidate for eviction in backward.
-                self._returned[entry.seq] = self._resident.pop(entry.seq)
+            if self._outgoing or self._graveyard:
+                self._reap()
+            if entry.where is Where.DEVICE:
+                never_used = self._resident.pop(entry.seq, None)
+                if never_used is not None:
+                    # Never swapped, now in use: not a candidate for eviction in backward.
+                    self._returned[entry.seq] = never_used
+            else:
+                self._bring_back(entry)
             storage = entry.storage
             self._enforce_limit(protect=entry)  # gradients grow during backward
-            self._prefetch()
-        out = torch.empty(0, dtype=packed.dtype, device=self.device)
+            if self._cursor >= 0:  # else nothing swapped is still out: nothing to fetch
+                self._prefetch()
+        out = self._blank(packed.dtype).new()
         return out.set_(storage, packed.offset, packed.size, packed.stride)
+
+    def _bring_back(self, entry: _Entry) -> None:
+        """Make a swapped entry usable on the device (it may still be on its way out)."""
+        if entry.where is Where.HOST:
+            self._fetch(entry)  # not prefetched: on demand
+        if entry.where is Where.INCOMING:
+            self.transfers.wait(entry.copy)
+            entry.copy = None
+            entry.where = Where.BOTH
+            del self._prefetched[entry.seq]
+            self._returned[entry.seq] = entry
+        elif entry.where is Where.OUTGOING:
+            entry.wanted = True
+
+    def _blank(self, dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor of ``dtype`` on the device: ``.new()`` of it is another one."""
+        blank = self._blanks.get(dtype)
+        if blank is None:
+            blank = self._blanks[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return blank
 
     def _track_backward(self) -> None:
         """Note the start of a backward, and have autograd tell us when it ends.
@@ -619,49 +654,39 @@ class ActivationSwapper:
         marked ``wanted`` and keeps its device copy when the copy completes, which
         costs no transfer at all.
         """
-
-        if self._cursor < 0:
+        swapped = self._swapped
+        i = self._cursor
+        while i >= 0 and not _pending(swapped[i]):
+            i -= 1  # already back, or dead: never look at it again
+        self._cursor = i
+        if i < 0:
             return  # nothing swapped that is not back already
-
-        def pending(e: _Entry) -> bool:
-            return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
-
-        while self._cursor >= 0 and not pending(self._swapped[self._cursor]):
-            self._cursor -= 1  # already back, or dead: never look at it again
-        seen: list[int] = []
-
-        def candidates():
-            i = self._cursor
-            while i >= 0:
-                e = self._swapped[i]
-                if pending(e):
-                    seen.append(i)
-                    yield e.seq, e.nbytes
-                i -= 1
-
+        # The keys are positions in _swapped, newest first, pending entries only.
+        candidates = ((j, swapped[j].nbytes) for j in range(i, -1, -1) if _pending(swapped[j]))
         lookahead = self.runtime.config.lookahead
-        keys = plan_prefetch(candidates(), self.budget.headroom(), len(self._prefetched), lookahead)
-        for k in range(len(keys)):
-            entry = self._swapped[seen[k]]
+        keys = plan_prefetch(candidates, self.budget.headroom(), len(self._prefetched), lookahead)
+        for j in keys:
+            entry = swapped[j]
             if entry.where is Where.OUTGOING:
                 entry.wanted = True
             else:
                 self._fetch(entry)
         if keys:
-            self._cursor = seen[len(keys) - 1] - 1
+            self._cursor = keys[-1] - 1
 
     # -- death --------------------------------------------------------------
 
     def _drop(self, entry: _Entry) -> None:
         """One ``_Packed`` of ``entry`` was freed by autograd (or the garbage collector)."""
-        with self.lock:
+        with self._section:
             entry.refs -= 1
             if entry.refs > 0:
                 return
-            if self._busy:
-                self._deferred.append(entry)  # Rule 7: released when the section ends
+            if self._depth > 1:
+                # Freed inside another section of this thread (the garbage collector
+                # ran mid-way): Rule 7, released when the outermost one ends.
+                self._deferred.append(entry)
                 return
-        with self._critical():
             self._release(entry)
 
     def _release(self, entry: _Entry) -> None:

@@ -187,7 +187,11 @@ class MemoryBudget:
             self.resident_bytes += nbytes
             if leaving:
                 self.leaving_bytes += nbytes
-            self._update()
+            stats = self.stats
+            stats.resident_bytes = self.resident_bytes
+            kept = self.resident_bytes - self.leaving_bytes
+            if kept > stats.peak_resident_bytes:  # as _update (inlined: once per saved tensor)
+                stats.peak_resident_bytes = kept
 
     def _update(self) -> None:
         self.stats.resident_bytes = self.resident_bytes
@@ -231,9 +235,14 @@ class MemoryBudget:
         saved, not yet charged); where the allocator is measured they are already
         counted, so they are not added twice.
         """
-        if allocated and self.measure is not None:
-            extra = 0
-        return self.used_bytes() + extra - (self.limit - self.reserve)
+        measure = self.measure
+        if measure is None:  # as used_bytes() (inlined: several times per saved tensor)
+            used = self.resident_bytes
+        else:
+            used = measure()
+            if allocated:
+                extra = 0
+        return used - self.leaving_bytes + extra - (self.limit - self.reserve)
 
     def over_limit(self, extra: int = 0, allocated: bool = False) -> bool:
         """Whether ``extra`` more bytes would put the device over the limit."""
