@@ -202,6 +202,26 @@ def test_grad_scaler_bf16_autocast_and_user_grad_hooks():
     assert_same(base, paged)
 
 
+def test_closure_optimizers_and_other_update_rules():
+    # LBFGS runs forward and backward inside step(), after the step pre-hook.
+    base, paged = pair()
+    enable(paged)
+    batches = data(2)
+    for model in (base, paged):
+        for cls in (torch.optim.LBFGS, torch.optim.RMSprop, torch.optim.NAdam, torch.optim.Adagrad):
+            opt = cls(model.parameters(), lr=0.1 if cls is torch.optim.LBFGS else 1e-2)
+            for x, y in batches:
+
+                def closure(model=model, opt=opt, x=x, y=y):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+    assert_same(base, paged)
+
+
 # -- models ----------------------------------------------------------------------
 
 
