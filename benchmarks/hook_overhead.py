@@ -26,6 +26,11 @@ Usage:
     python benchmarks/hook_overhead.py --device cuda --threads 0
 
 Writes JSON (``--out``) and CSV next to it (same stem).
+
+Reference (the default command; 2-core AMD EPYC, torch 2.13.0+cpu, 2026-11-29; 397 saved
+tensors a step; median us per saved tensor, wall clock, two runs each, before -> after
+commit 1cb690f, "cheaper saved-tensor hooks"): none-eligible 11.2, 11.4 -> 11.0, 10.7;
+kept 54.4, 54.4 -> 48.1, 47.3; swapped 137.8, 137.0 -> 125.1, 128.8.
 """
 
 from __future__ import annotations
