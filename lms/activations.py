@@ -25,7 +25,14 @@
 #    Entries are found again by the storage's data pointer, checked against a weak
 #    reference to the storage so a recycled address is never mistaken for it, and
 #    against the tensor's version: a storage modified in place since its entry was
-#    made is a new entry (the old one's copy may predate the change).
+#    made is a new entry (the old one's copy may predate the change). A version
+#    only means something within one family of tensors that share a version
+#    counter: a tensor and its views (same ``_base``). ``unsafe_chunk`` and
+#    ``unsafe_split`` (used inside ``nn.GRU`` and ``nn.LSTM`` cells) make views of
+#    one storage that each count their own versions, so a write through one chunk
+#    is invisible to another's version; such a tensor gets its own entry, and its
+#    own copy of the storage taken at its own save time. Each entry therefore
+#    remembers (weakly) the root tensor of the family it was made for.
 # 4. Life of an entry (``Where``): DEVICE -> OUTGOING (copy to host in flight;
 #    the device memory is freed only once the copy's event has completed) -> HOST
 #    -> INCOMING (prefetch in flight) -> BOTH (in use in backward; the host copy
@@ -58,6 +65,9 @@
 #    holds no memory, and sees every in-place write autograd would have seen,
 #    also those made after the saved tensor and all its views have died. Only
 #    writes autograd cannot see either (through ``.data``) go unnoticed.
+#    Tensors LMS does not move (parameters, buffers, tensors below ``min_size``)
+#    are checked too: autograd's check is off for them as well, so they are
+#    returned wrapped in a ``_Kept`` that remembers their version.
 # 9. Storages resized by their owner. FSDP-style code frees a saved tensor's
 #    storage after forward (``resize_(0)``) and refills it before backward, with
 #    no version bump. Such a storage is copied out only while it is still the one
@@ -124,12 +134,16 @@ class _Entry:
         "refs",
         "wanted",
         "version",
+        "family",
     )
 
-    def __init__(self, seq: int, storage: Any, ptr: int, nbytes: int, version: int) -> None:
+    def __init__(
+        self, seq: int, storage: Any, ptr: int, nbytes: int, version: int, root: torch.Tensor
+    ) -> None:
         self.seq = seq
         self.nbytes = nbytes
         self.version = version  # the saved tensor's version when the entry was made (Rule 3)
+        self.family = weakref.ref(root)  # whose version counter ``version`` was read from
         self.ptr = ptr  # storage.data_ptr(), which the caller has read already
         self.storage_ref = weakref.ref(storage)
         self.where = Where.DEVICE
@@ -160,20 +174,38 @@ class _Packed:
     def check_version(self) -> None:
         """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
         now = self.counter._version
-        if now == self.version:
-            return
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: [{self.dtype} {list(self.size)}] is at version "
-            f"{now}; expected version {self.version} instead. (Detected by LMS: "
-            "saved-tensor hooks switch off autograd's own check.) Hint: enable anomaly "
-            "detection to find the operation that failed to compute its gradient, with "
-            "torch.autograd.set_detect_anomaly(True)."
-        )
+        if now != self.version:
+            _raise_modified(self.dtype, self.size, now, self.version)
 
     def __del__(self) -> None:
         if not sys.is_finalizing():
             self.owner._drop(self.entry)
+
+
+class _Kept:
+    """A saved tensor LMS does not move, with its version at save time (Rule 8)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor = t
+        self.version = t._version
+
+    def unwrap(self) -> torch.Tensor:
+        t = self.tensor
+        if t._version != self.version:
+            _raise_modified(t.dtype, t.size(), t._version, self.version)
+        return t
+
+
+def _raise_modified(dtype: torch.dtype, size: Any, now: int, expected: int) -> None:
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{dtype} {list(size)}] is at version {now}; expected version "
+        f"{expected} instead. (Detected by LMS: saved-tensor hooks switch off autograd's own "
+        "check.) Hint: enable anomaly detection to find the operation that failed to compute "
+        "its gradient, with torch.autograd.set_detect_anomaly(True)."
+    )
 
 
 class _Section:
@@ -385,21 +417,28 @@ class ActivationSwapper:
 
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._eligible(t):
-            return t
+            return _Kept(t)  # Rule 8: still checked for in-place writes
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
         ptr = storage.data_ptr()
         if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
-            return t
+            return _Kept(t)
         version = t._version
         counter = t.detach()  # Rule 8
         counter.data = self._empty
+        base = t._base
+        root = t if base is None else base  # the family sharing t's version counter (Rule 3)
         with self._section:
             entry = self._index.get(ptr)
-            if entry is not None and entry.storage_ref() is storage and entry.version == version:
+            if (
+                entry is not None
+                and entry.storage_ref() is storage
+                and entry.version == version
+                and entry.family() is root
+            ):
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
                 return _Packed(self, entry, t, counter)
-            entry = _Entry(next(self._seq), storage, ptr, nbytes, version)
+            entry = _Entry(next(self._seq), storage, ptr, nbytes, version, root)
             packed = _Packed(self, entry, t, counter)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
@@ -550,6 +589,8 @@ class ActivationSwapper:
 
     def _unpack(self, packed: Any) -> torch.Tensor:
         if type(packed) is not _Packed:
+            if type(packed) is _Kept:
+                return packed.unwrap()  # Rule 8
             return packed  # not ours: returned as saved
         packed.check_version()  # Rule 8, before anything changes
         entry = packed.entry

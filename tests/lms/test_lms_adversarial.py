@@ -135,6 +135,52 @@ def test_inplace_under_no_grad_between_forward_and_backward_raises(limit):
             handle.remove()
 
 
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("target", ["weight", "small_activation"])
+def test_inplace_on_a_saved_tensor_lms_does_not_move_raises(limit, target):
+    # Parameters (and tensors below min_size) are never moved, but the hooks still
+    # switch autograd's check off for them: LMS must check those too (Rule 8).
+    for use_lms in (False, True):
+        model = ModifiesSaved("none")
+        min_size = 1 << 30 if target == "small_activation" else 0
+        handle = (
+            lms.enable(model, limit=limit, min_size=min_size, weights=False) if use_lms else None
+        )
+        out = model(data().requires_grad_())  # so that linear saves its weight
+        with torch.no_grad():
+            if target == "weight":
+                model.lin.weight.add_(1)  # e.g. an optimizer step before backward
+            else:
+                out.mul_(2)
+        with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+            out.sum().backward()
+        if handle is not None:
+            handle.remove()
+
+
+class UnsafeChunks(nn.Module):
+    """What GRU and LSTM cells do: ``unsafe_chunk`` views of one storage each have
+    their own version counter, and one chunk is written in place after another
+    chunk was saved (NOTE [Activation swapping] Rule 3)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 3 * 64)
+
+    def forward(self, x):
+        a, b, c = self.lin(x).unsafe_chunk(3, 1)
+        a = a.sigmoid_()  # saves chunk a
+        b = b.add_(1).tanh_()  # writes chunk b in place after a was saved; saves it
+        return (a * b + c).sum()
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_unsafe_chunks_of_one_storage_keep_their_own_values(limit):
+    want, got, handle = parity(UnsafeChunks, backward_step, limit)
+    same(want, got)
+
+
 class ModifiesViewsThenDrops(nn.Module):
     """In-place ops on views after a view's result was saved; every tensor of the
     family is gone by backward, only autograd (and LMS) still hold the storage."""

@@ -381,18 +381,20 @@ class Recurrent(nn.Module):
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
 def test_recurrent_layers_flat_weights(cls):
-    # Weights only: with activation swapping on as well, GRU gradients differ (the
-    # xfail below); that is lms/activations.py, not weight paging.
     base, paged = pair(lambda: Recurrent(cls))
     weights_only(paged)
     train_both(base, paged, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2), data(3))
 
 
-@pytest.mark.xfail(reason="lms/activations.py: GRU saved tensors come back wrong", strict=False)
-def test_gru_with_activation_swapping():
-    base, paged = pair(lambda: Recurrent(nn.GRU))
-    lms.enable(paged, limit=0, min_size=0, weights=False)
-    train_both(base, paged, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), data(1))
+@pytest.mark.parametrize("weights", [False, True], ids=["activations", "activations_weights"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_recurrent_layers_with_activation_swapping(cls, weights):
+    # Their cells save unsafe_chunk views of one storage, each with its own version
+    # counter (NOTE [Activation swapping] Rule 3): GRU gradients were wrong before.
+    base, paged = pair(lambda: Recurrent(cls))
+    handle = lms.enable(paged, limit=0, min_size=0, weights=weights)
+    train_both(base, paged, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), data(2))
+    assert handle.stats().swap_outs > 0
 
 
 class ConvBN(nn.Module):
@@ -427,7 +429,7 @@ def with_weight_norm(parametrized):
     return model
 
 
-@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
 @pytest.mark.parametrize("parametrized", [True, False], ids=["parametrize", "legacy_hook"])
 def test_weight_norm(parametrized):
     # Was (legacy): "data is not allocated": weight_norm's pre-hook ran before LMS's.
@@ -481,6 +483,7 @@ def test_gradient_penalty_with_create_graph(wrt):
     assert handle.runtime.budget.resident_bytes == 0
 
 
+@pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True:UserWarning")
 def test_backward_create_graph_on_paged_params_is_refused_and_training_goes_on():
     base, paged = pair()
     handle = enable(paged)
