@@ -6,8 +6,9 @@
 # It runs the gpu-marked tests, the memory-versus-speed sweep on issue 3's reference model (the
 # configuration its targets are set for; about 90 s on an H100 by estimate), the quick variant of
 # the model-size benchmark (the full one, `python benchmarks/model_size.py`, is a separate call of
-# a few minutes) and the end-to-end example under a memory limit, each under its own time limit so
-# the whole check stays under 7 minutes, and prints a summary table last. On a machine without CUDA it runs the same steps on the CPU (the
+# a few minutes), the hooks' host time per saved tensor and the end-to-end example under a memory
+# limit, each under its own time limit so the whole check stays under 8 minutes, and prints a
+# summary table last. On a machine without CUDA it runs the same steps on the CPU (the
 # gpu tests then skip), which is how the script itself is checked in development.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,10 @@ step gpu_tests 120 $PY -m pytest -m gpu -q --durations=15 -p no:cacheprovider te
 step memory_vs_speed 150 $PY benchmarks/memory_vs_speed.py --time-budget 110 \
     --out "$OUT/memory_vs_speed.json"
 step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
+# The host time the hooks add per saved tensor, with CUDA's allocator reads in the loop.
+DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+step hook_overhead 40 $PY benchmarks/hook_overhead.py --device "$DEV" --threads 0 --rounds 60 \
+    --out "$OUT/hook_overhead.json"
 # The example under a limit far below the model's needs (~1.6 GB of fp32 weight and AdamW
 # state for the GPU size); on the CPU a tiny model keeps the step as a check of the script.
 if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

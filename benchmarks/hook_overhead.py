@@ -228,7 +228,13 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     # step_us: per variant, per round: [wall, cpu]
     raw = {name: [[round(x * 1e6, 1) for x in t] for t in ts] for name, ts in times.items()}
-    out.write_text(json.dumps(dict(meta, rows=rows, step_us=raw), indent=1))
+    # The short table benchmarks/summarize.py prints at the end of gpu_check.sh.
+    summary = [
+        dict(variant=r["variant"], us_per_saved=round(r["wall_us_per_saved"], 1),
+             swaps_per_step=r["swap_outs_per_step"])
+        for r in rows if r["variant"] != "plain"
+    ]  # fmt: skip
+    out.write_text(json.dumps(dict(meta, rows=rows, summary=summary, step_us=raw), indent=1))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=keys)
