@@ -2,12 +2,13 @@
 # The one GPU check of this project. Run from the repository root on a machine with one NVIDIA GPU:
 #
 #     bash benchmarks/gpu_check.sh            # results under $OUT, else benchmarks/results/gpu_check
+#     ONLY="gpu_tests train_gpt" bash benchmarks/gpu_check.sh   # just those steps
 #
 # It runs the gpu-marked tests, the memory-versus-speed sweep on issue 3's reference model (the
 # configuration its targets are set for; about 90 s on an H100 by estimate), the quick variant of
 # the model-size benchmark (the full one, `python benchmarks/model_size.py`, is a separate call of
 # a few minutes), the hooks' host time per saved tensor and the end-to-end example under a memory
-# limit, each under its own time limit so the whole check stays under 8 minutes, and prints a
+# limit, each under its own time limit so the whole check stays under 8 minutes (ONLY=... reruns a subset), and prints a
 # summary table last. On a machine without CUDA it runs the same steps on the CPU (the
 # gpu tests then skip), which is how the script itself is checked in development.
 set -uo pipefail
@@ -27,9 +28,13 @@ print(f"torch {torch.__version__}, device: {card}")
 PYEOF
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, logs to $OUT/NAME.log.
+# ONLY="name ..." runs just those steps (a rerun after a fix need not repeat the others).
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     echo "=== $name: $*"
     local t0=$SECONDS
     timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
@@ -43,7 +48,7 @@ step memory_vs_speed 150 $PY benchmarks/memory_vs_speed.py --time-budget 110 \
 step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
 # The host time the hooks add per saved tensor, with CUDA's allocator reads in the loop.
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-step hook_overhead 40 $PY benchmarks/hook_overhead.py --device "$DEV" --threads 0 --rounds 60 \
+step hook_overhead 60 $PY benchmarks/hook_overhead.py --device "$DEV" --threads 0 --rounds 40 \
     --out "$OUT/hook_overhead.json"
 # The example under a limit far below the model's needs (~1.6 GB of fp32 weight and AdamW
 # state for the GPU size); on the CPU a tiny model keeps the step as a check of the script.
