@@ -8,9 +8,9 @@
 # configuration its targets are set for; about 90 s on an H100 by estimate), the quick variant of
 # the model-size benchmark (the full one, `python benchmarks/model_size.py`, is a separate call of
 # a few minutes), the hooks' host time per saved tensor and the end-to-end example under a memory
-# limit, each under its own time limit so the whole check stays under 8 minutes (ONLY=... reruns a subset), and prints a
-# summary table last. On a machine without CUDA it runs the same steps on the CPU (the
-# gpu tests then skip), which is how the script itself is checked in development.
+# limit, each under its own time limit so the whole check stays under 8 minutes (ONLY=... reruns
+# a subset), and prints a summary table last. On a machine without CUDA it runs the same steps on
+# the CPU (the gpu tests then skip), which is how the script itself is checked in development.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
