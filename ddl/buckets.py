@@ -12,7 +12,7 @@
 #    its own stream on accelerators; see ddl/group.py NOTE [One worker, one order]).
 #    Buckets launch strictly in index order, so every rank issues the same collectives in
 #    the same order even when a rank's unused parameters complete its buckets late.
-# 4. Reduce: like DDP, the bucket is divided by the world size and then summed, and the
+# 4. Reduce: like DDP, the bucket is scaled by 1 / world size and then summed, and the
 #    result is copied back into each ``.grad`` on the worker.
 # 5. Finalize: buckets still incomplete hold parameters this rank did not use; their slots
 #    take the gradient if one exists, else zeros, and they launch in order. A small
@@ -25,6 +25,22 @@
 #    This is where ``lms`` can page gradients to the host; ddl never imports lms.
 #    Under ``no_sync()`` nothing is reduced, so each hook calls ``grad_ready([param])``
 #    at once: every gradient produced in a backward is announced exactly once.
+# 7. A backward that raises (a user error, a failed collective, ``ddl.shutdown()`` in
+#    between) never runs ``_finalize``. The engine then drops the callback object unrun,
+#    which the next hook sees through a weak reference (not the graph task id: a reentrant
+#    checkpoint runs an inner backward with another id inside a live one). If no bucket
+#    was launched, nothing was sent: the stale state is reset and training goes on. If
+#    some were, the other ranks' collectives no longer pair with ours, so every later
+#    backward raises a DDLError until ``ddl.shutdown()`` and ``ddl.init()``.
+# 8. The plan is fixed at wrap time. Freezing a parameter later is fine (no gradient:
+#    treated as unused, rule 5), but a parameter that did not require grad at wrap time
+#    (or was added later) and now gets a gradient would silently stay unreduced, so the
+#    first hook of a backward checks for one and raises, saying to wrap again.
+# 9. Buffers, as DDP's ``broadcast_buffers=True``: before a forward, rank 0's buffers are
+#    copied to every rank when the previous forward ran with grad enabled and outside
+#    ``no_sync()`` (the first forward after wrap too). That is a collective in forward:
+#    every rank must run the same forwards, as with DDP; ``broadcast_buffers=False`` turns
+#    it off (a rank-0-only evaluation, buffers that must stay per rank).
 """
 
 from __future__ import annotations
@@ -87,6 +103,20 @@ def plan_buckets(
 
 # Live handles by model, so a second wrap of the same model is refused, not doubled.
 _WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _EndOfBackward:
+    """Queued on the autograd engine: runs ``_finalize`` at the end of a backward.
+
+    When the backward raises, the engine drops it unrun; ``GradSync`` holds only a weak
+    reference, so a dead reference in the BACKWARD phase means "aborted" (NOTE rule 7).
+    """
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.fn()
 
 
 class _Phase(enum.Enum):
@@ -170,8 +200,11 @@ class GradSync:
         self._grad_ready = grad_ready
         self._lock = threading.RLock()
         self._phase = _Phase.IDLE
+        self._end: weakref.ref | None = None  # the queued _EndOfBackward (NOTE rule 7)
+        self._launched_in: _group._State | None = None  # the state buckets went out on
         self._sync = True
         self._removed = False
+        self._model = weakref.ref(model)
         meta = [(p.numel() * p.element_size(), f"{p.device}/{p.dtype}") for _, p in named]
         plan = plan_buckets(meta, config.bucket_bytes, config.first_bucket_bytes)
         self._params = [p for _, p in named]
@@ -198,6 +231,11 @@ class GradSync:
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
             for i, p in enumerate(self._params)
         ]
+        # NOTE [Bucket lifecycle] rule 9: DDP's broadcast_buffers, only if there are any.
+        self._buffers_next = True
+        if config.broadcast_buffers and s.world_size > 1 and any(True for _ in model.buffers()):
+            self._hooks.append(model.register_forward_pre_hook(self._pre_forward))
+            self._hooks.append(model.register_forward_hook(self._post_forward))
         _WRAPPED[model] = self
 
     # ---------------------------------------------------------------- public surface
@@ -241,6 +279,18 @@ class GradSync:
         finally:
             self._sync = prev
 
+    # ---------------------------------------------------------------- forward (buffers)
+
+    def _pre_forward(self, module: torch.nn.Module, args: object) -> None:
+        if self._removed or not self._buffers_next:
+            return
+        with torch.no_grad():
+            broadcast_([b.data for b in module.buffers()])
+
+    def _post_forward(self, module: torch.nn.Module, args: object, output: object) -> None:
+        # DDP's require_forward_param_sync: the next forward syncs after a training one.
+        self._buffers_next = torch.is_grad_enabled() and self._sync
+
     # ---------------------------------------------------------------- backward runtime
 
     def _on_grad(self, i: int, param: torch.Tensor) -> None:
@@ -253,6 +303,8 @@ class GradSync:
                 self._grad_ready([param])
             return
         with self._lock:
+            if self._phase is _Phase.BACKWARD and self._end is not None and self._end() is None:
+                self._recover_aborted()
             if self._phase is _Phase.IDLE:
                 self._start_backward()
             b, k = self._where[i]
@@ -277,7 +329,35 @@ class GradSync:
             self._launch_in_order()
             self._deliver(block=False)
 
+    def _recover_aborted(self) -> None:
+        """The previous backward raised before its end (NOTE [Bucket lifecycle] rule 7)."""
+        launched = self._next_launch
+        if launched and self._launched_in is _group._STATE:
+            raise DDLError(
+                f"an earlier backward raised after ddl.wrap had started reducing {launched} of "
+                f"{len(self._buckets)} gradient buckets, so this rank's collectives no longer "
+                "pair up with the other ranks'; call ddl.shutdown() and ddl.init() again "
+                "(usually: restart the job)"
+            )
+        self._phase = _Phase.IDLE  # nothing went out (or on a past ddl.init): start afresh
+        self._end = None
+
+    def _check_no_new_trainable(self) -> None:
+        """NOTE [Bucket lifecycle] rule 8: a gradient ddl would not reduce must not exist."""
+        model = self._model()
+        if model is None:
+            return
+        for n, p in model.named_parameters():
+            if p.requires_grad and id(p) not in self._index:
+                raise DDLError(
+                    f"ddl.wrap: parameter {n!r} requires grad now but did not when ddl.wrap was "
+                    "called (or was added later), so its gradient would not be reduced and the "
+                    "replicas would drift apart; call remove() on the handle and ddl.wrap the "
+                    "model again after changing requires_grad (freezing later is fine)"
+                )
+
     def _start_backward(self) -> None:
+        self._check_no_new_trainable()
         self._phase = _Phase.BACKWARD
         for bucket in self._buckets:
             bucket.reset()
@@ -285,7 +365,10 @@ class GradSync:
         self._next_launch = 0
         self._next_deliver = 0
         self.launch_points = []
-        torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+        self._launched_in = _group._STATE
+        end = _EndOfBackward(self._finalize)
+        self._end = weakref.ref(end)
+        torch.autograd.Variable._execution_engine.queue_callback(end)
 
     def _launch_in_order(self) -> None:
         while self._next_launch < len(self._buckets):
@@ -304,7 +387,9 @@ class GradSync:
 
         def run() -> None:
             buf = bucket.buffer
-            buf.div_(s.world_size)  # NOTE [Bucket lifecycle] rule 4
+            # NOTE [Bucket lifecycle] rule 4. DDP multiplies by the reciprocal (not x / p):
+            # the same for a power-of-two world size, one rounding apart otherwise.
+            buf.mul_(1.0 / s.world_size)
             alg, down = bucket.algorithm, s.down_for(grp)
             allreduce_flat(buf, "sum", alg, s.rank, s.topology, grp, s.timeout, nccl, down)
             with torch.no_grad():
@@ -396,6 +481,7 @@ def wrap(
     *,
     first_bucket_size: int | str = "1MiB",
     broadcast: bool = True,
+    broadcast_buffers: bool = True,
 ) -> GradSync:
     """Make every ``.grad`` the mean over all ranks when ``backward()`` returns.
 
@@ -412,6 +498,8 @@ def wrap(
             point for ``lms`` gradient paging).
         first_bucket_size: cap of the first bucket, so communication starts early.
         broadcast: copy rank 0's parameters and buffers to all ranks now.
+        broadcast_buffers: copy rank 0's buffers to all ranks before forwards, as DDP's
+            option of that name does (see ``WrapConfig``; NOTE rule 9).
 
     Returns:
         A :class:`GradSync` handle: ``remove()``, context manager, ``no_sync()``.
@@ -440,5 +528,6 @@ def wrap(
         first_bucket_size=first_bucket_size,
         algorithm=algorithm,
         broadcast=broadcast,
+        broadcast_buffers=broadcast_buffers,
     )
     return GradSync(model, config, grad_ready)

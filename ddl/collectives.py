@@ -185,21 +185,50 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", check: bool | No
     return allreduce_async(x, op=op, algorithm=algorithm, check=check, _inline=True).wait()
 
 
+_COALESCE_BYTES = 32 << 20
+
+
+def _coalesced(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Runs of tensors with one device and dtype, up to ``_COALESCE_BYTES`` each."""
+    runs: list[list[torch.Tensor]] = []
+    open_: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        run, size = open_.setdefault(key, ([], [0]))
+        run.append(t)
+        size[0] += t.numel() * t.element_size()
+        if size[0] >= _COALESCE_BYTES:
+            runs.append(run)
+            del open_[key]
+    runs.extend(run for run, _ in open_.values())
+    return runs
+
+
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Broadcast tensors in place from ``src`` on ddl's groups (blocking, for ``wrap``)."""
+    """Broadcast tensors in place from ``src`` on ddl's groups (blocking, for ``wrap``).
+
+    Tensors of one device and dtype travel as one flat message (as DDP coalesces its
+    buffer broadcasts): ``wrap`` calls this before forwards for BatchNorm-style buffers,
+    many small tensors, where one message each would cost a round trip each.
+    """
     s = _group.current()
     if not tensors:
         return
     dev = tensors[0].device
 
     def run() -> None:
-        for t in tensors:
-            g = s.group_for(t.device)
-            flat = t.detach()
+        for ts in _coalesced([t.detach() for t in tensors]):
+            g = s.group_for(ts[0].device)
+            flat = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts])
             work = dist.broadcast(flat, src, group=g, async_op=True)
             if g is s.world and s.backend == "nccl":
                 work.wait()
             else:
                 work.wait(s.timeout)
+            if len(ts) > 1 or flat.data_ptr() != ts[0].data_ptr():
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     _group.submit(s, dev, run, None, "ddl.wrap broadcast of parameters", inline=True).wait()

@@ -72,6 +72,10 @@ class WrapConfig:
             bucket size by ``ddl.costmodel.choose_algorithm``).
         broadcast: copy rank 0's parameters and buffers to every rank at wrap time, as
             DDP does on construction, so all replicas start equal.
+        broadcast_buffers: as DDP's option of that name: before a forward that follows a
+            training forward (grad enabled, outside ``no_sync()``), copy rank 0's buffers
+            (e.g. BatchNorm running statistics) to every rank. A collective in forward:
+            every rank must run the same forwards. No buffers, no cost.
 
     Example:
         >>> WrapConfig(bucket_size="4MiB").bucket_bytes
@@ -82,6 +86,7 @@ class WrapConfig:
     first_bucket_size: int | str = "1MiB"
     algorithm: str = "auto"
     broadcast: bool = True
+    broadcast_buffers: bool = True
 
     def __post_init__(self) -> None:
         parse_size(self.bucket_size, "bucket_size")
