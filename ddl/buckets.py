@@ -41,6 +41,17 @@
 #    ``no_sync()`` (the first forward after wrap too). That is a collective in forward:
 #    every rank must run the same forwards, as with DDP; ``broadcast_buffers=False`` turns
 #    it off (a rank-0-only evaluation, buffers that must stay per rank).
+# 10. Each handle launches its own buckets in order (rule 3), but with several live
+#    handles the interleaving follows the order gradients are produced, which can differ
+#    between ranks (forward order, rank-dependent unused parameters): model A's bucket
+#    would then be summed with model B's, silently when the sizes match. So while more
+#    than one handle is live, every bucket (and used-flags exchange) first all-gathers a
+#    small header naming handle and bucket, and a mismatch raises on every rank. One
+#    wrapped model pays nothing. Handles are named by a count of wraps, so every rank must
+#    wrap (and remove) the same models in the same order, as wrap's own check requires.
+#    The handles of one backward share one end-of-backward callback that finalizes them
+#    in wrap order, each even when another raised, so their used-flags exchanges line up
+#    and a mismatch leaves every rank in step and every handle usable.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import itertools
 import threading
 import weakref
 import zlib
@@ -58,7 +70,7 @@ import torch.distributed as dist
 
 from . import group as _group
 from .algorithms import allreduce_flat, resolve_algorithm
-from .collectives import KIND_WRAP, broadcast_, check_same_everywhere
+from .collectives import KIND_BUCKET, KIND_WRAP, broadcast_, check_same_everywhere
 from .config import WrapConfig
 from .errors import DDLError
 
@@ -103,20 +115,46 @@ def plan_buckets(
 
 # Live handles by model, so a second wrap of the same model is refused, not doubled.
 _WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Handles not removed yet, and a count of successful wraps (the same on every rank, since
+# wrap's layout check is collective) naming each handle alike everywhere (NOTE rule 10).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_UIDS = itertools.count()
 
 
 class _EndOfBackward:
-    """Queued on the autograd engine: runs ``_finalize`` at the end of a backward.
+    """Queued once per backward on the autograd engine; finalizes the handles in it.
 
-    When the backward raises, the engine drops it unrun; ``GradSync`` holds only a weak
-    reference, so a dead reference in the BACKWARD phase means "aborted" (NOTE rule 7).
+    Every handle whose first hook fires in one backward (one graph task) joins the same
+    object, and at the end of that backward they finalize in wrap order, not in the order
+    their first gradients happened to arrive, so that their collectives line up across
+    ranks; one handle's error does not skip the others' (NOTE [Bucket lifecycle] rule 10).
+    When the backward raises, the engine drops this object unrun; handles hold only a weak
+    reference, so a dead reference in the BACKWARD phase means "aborted" (rule 7).
     """
 
-    def __init__(self, fn: Callable[[], None]):
-        self.fn = fn
+    def __init__(self) -> None:
+        self.syncs: list[GradSync] = []
 
     def __call__(self) -> None:
-        self.fn()
+        error: BaseException | None = None
+        for sync in sorted(self.syncs, key=lambda g: g._uid):
+            try:
+                sync._finalize()
+            except BaseException as e:  # the first one is raised, after all have run
+                error = error or e
+        if error is not None:
+            raise error
+
+
+# The _EndOfBackward of each running backward, by graph task id (weak: the engine owns it).
+_ENDS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_ENDS_LOCK = threading.Lock()
+
+
+def _graph_task() -> object:
+    """The running backward's id; a fresh key (one end per handle) if torch lacks it."""
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else object()
 
 
 class _Phase(enum.Enum):
@@ -224,6 +262,7 @@ class GradSync:
         # Same model everywhere? Checked before the broadcast, whose sizes depend on it.
         check = functools.partial(self._check_layout, s)
         _group.submit(s, torch.device("cpu"), check, None, "ddl.wrap", inline=True).wait()
+        self._uid = next(_UIDS)
         if config.broadcast:
             with torch.no_grad():
                 broadcast_([p.data for p in self._params] + [b.data for b in model.buffers()])
@@ -237,6 +276,7 @@ class GradSync:
             self._hooks.append(model.register_forward_pre_hook(self._pre_forward))
             self._hooks.append(model.register_forward_hook(self._post_forward))
         _WRAPPED[model] = self
+        _LIVE.add(self)
 
     # ---------------------------------------------------------------- public surface
 
@@ -245,6 +285,7 @@ class GradSync:
         if self._removed:
             return
         self._removed = True
+        _LIVE.discard(self)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -366,9 +407,14 @@ class GradSync:
         self._next_deliver = 0
         self.launch_points = []
         self._launched_in = _group._STATE
-        end = _EndOfBackward(self._finalize)
+        with _ENDS_LOCK:
+            key = _graph_task()
+            end = _ENDS.get(key)
+            if end is None:
+                end = _ENDS[key] = _EndOfBackward()
+                torch.autograd.Variable._execution_engine.queue_callback(end)
+            end.syncs.append(self)
         self._end = weakref.ref(end)
-        torch.autograd.Variable._execution_engine.queue_callback(end)
 
     def _launch_in_order(self) -> None:
         while self._next_launch < len(self._buckets):
@@ -384,8 +430,11 @@ class GradSync:
         nccl = grp is s.world and s.backend == "nccl"
         used = [k for k in range(len(bucket.params)) if k not in bucket.locally_unused]
         self.launch_points.append(self._n_ready)
+        check = len(_LIVE) > 1  # NOTE [Bucket lifecycle] rule 10
 
         def run() -> None:
+            if check:
+                self._check_turn(s, bucket.index, bucket.numel)
             buf = bucket.buffer
             # NOTE [Bucket lifecycle] rule 4. DDP multiplies by the reciprocal (not x / p):
             # the same for a power-of-two world size, one rounding apart otherwise.
@@ -412,6 +461,18 @@ class GradSync:
             "bucket_size and algorithm) at the same point of the program",
         )
 
+    def _check_turn(self, s: _group._State, index: int, numel: int) -> None:
+        """Same handle and bucket on every rank at this point? (NOTE rule 10; worker.)"""
+        row = [KIND_BUCKET, _group.current_seq(), self._uid, index, numel]
+        check_same_everywhere(
+            s,
+            row,
+            "ddl.wrap",
+            advice="with several wrapped models, every rank must produce their gradients in "
+            "the same order (run their forwards in the same order on every rank, and use a "
+            "model's parameters alike), or wrap one module that holds them all",
+        )
+
     def _deliver(self, block: bool) -> None:
         """Call grad_ready for finished buckets, in order (NOTE [Bucket lifecycle] rule 6)."""
         while self._next_deliver < self._next_launch:
@@ -419,6 +480,11 @@ class GradSync:
             if bucket.locally_unused and not block:
                 return  # needs the used-flags exchange of _finalize first
             if not block and not bucket.handle.done():
+                return
+            if not block and bucket.handle._future.exception() is not None:
+                # Raised from a hook, the error would end this rank's backward here while
+                # the others go on issuing collectives (out of step for good); _finalize
+                # raises it after every collective of this backward is issued.
                 return
             bucket.handle.wait()
             if bucket.locally_unused:
@@ -454,7 +520,11 @@ class GradSync:
             for k in bucket.locally_unused:
                 flags[self._index[id(bucket.params[k])]] = 0
 
+        check = len(_LIVE) > 1  # NOTE [Bucket lifecycle] rule 10
+
         def run() -> None:
+            if check:
+                self._check_turn(s, -1, flags.numel())
             work = dist.all_reduce(flags, group=s.cpu, async_op=True)
             work.wait(s.timeout)
 

@@ -25,7 +25,7 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # Every header has the same length, whatever the operation, so that ranks calling
 # different operations still exchange equal-sized headers and see the difference.
 _HEADER_LEN = 16
-KIND_ALLREDUCE, KIND_WRAP = 1, 2
+KIND_ALLREDUCE, KIND_WRAP, KIND_BUCKET = 1, 2, 3
 
 
 def _header(
@@ -48,6 +48,9 @@ def _header(
 
 def _describe(row: list[int]) -> str:
     """Words for a header row (see ``_header`` and ``wrap_header``)."""
+    if row[0] == KIND_BUCKET:
+        part = "used-parameter flags" if row[3] < 0 else f"bucket {row[3]}"
+        return f"wrapped model #{row[2]}'s {part} ({row[4]} elements), collective #{row[1]}"
     if row[0] == KIND_WRAP:
         return f"ddl.wrap of {row[2]} buckets, {row[3]} gradient elements, collective #{row[1]}"
     if row[0] != KIND_ALLREDUCE:

@@ -56,6 +56,11 @@ def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | Non
     )
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` are one memory location (a stride 0 over size > 1)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)) and t.numel() > 1
+
+
 def _from_numpy(a: np.ndarray, what: str) -> torch.Tensor:
     try:
         return torch.from_numpy(a)
@@ -87,6 +92,15 @@ def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] 
         (True, [6.0, 8.0, 10.0])
     """
     t, finish = _to_torch(x, what)
+    if _overlaps(t):
+        # Checked here, before any message moves: writing the result back into such a
+        # tensor fails on the worker, after the collective, where any error reads as a
+        # failed transport and stops ddl for good (ddl/group.py NOTE rule 4).
+        raise DDLError(
+            f"{what}: the {type(x).__name__} has elements that share memory (e.g. made by "
+            "expand() or broadcast_to), so no in-place result exists; pass a copy "
+            "(x.clone() / x.copy())"
+        )
     if t.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
         raise DDLError(f"{what}: dtype {t.dtype} is not supported; use one of {names}")

@@ -316,10 +316,14 @@ _MODEL_CASES = {
     "batchnorm": (WithBN, _eval_between, {}),
     "mixed_dtypes": (MixedDtypes, _plain_step, dict(algorithm="native")),
     "mixed_dtypes_ring": (MixedDtypes, _plain_step, {}),
+    "mixed_dtypes_hierarchical": (MixedDtypes, _plain_step, dict(algorithm="hierarchical")),
+    "mixed_dtypes_auto": (MixedDtypes, _plain_step, dict(algorithm="auto")),
     "layouts": (Layouts, _plain_step, {}),
     "huge_param": (Huge, _plain_step, dict(bucket_size="4KiB")),
     "tiny_buckets": (Unused, _plain_step, dict(bucket_size=1, first_bucket_size=1)),
     "no_sync": (Unused, _accumulate, {}),
+    "batchnorm_no_sync": (WithBN, _accumulate, {}),
+    "batchnorm_two_forwards": (WithBN, _two_forwards, dict(algorithm="multiring")),
     "two_forwards": (Reordered, _two_forwards, {}),
     "clip": (Unused, _clip, {}),
     "toggle": (Unused, _toggle, {}),
@@ -403,6 +407,22 @@ def _lifecycle():
         for mod_ref, mod in ((ra.module, a), (rb.module, b)):
             if not _same(_grads(mod_ref), _grads(mod)):
                 problems.append(f"step {step}: two models: gradients differ")
+    # Forwards in a rank-dependent order: the gradients of A and B come in another order
+    # on each rank, so A's buckets met B's (silently summed when the sizes match). Now
+    # every rank raises, nothing is summed, and the next step in a common order works.
+    x, _ = _batch(rank, 5)
+    first, second = (a, b) if rank == 0 else (b, a)
+    la = first(x, 0, 0).sum()
+    lb = second(x, 0, 0).pow(2).sum()
+    out["two_models_order"] = _expect_error(lambda: (la + lb).backward())
+    for mod in (ra.module, rb.module, a, b):
+        mod.zero_grad()
+    for ma, mb, reduce in ((ra, rb, (ra.reduce, rb.reduce)), (a, b, ())):
+        (ma(x, 0, 0).sum() + mb(x, 0, 0).pow(2).sum()).backward()
+        for fn in reduce:
+            fn()
+    if not _same(_grads(ra.module) + _grads(rb.module), _grads(a) + _grads(b)):
+        problems.append("after the order error: gradients differ")
     ha.remove()
     hb.remove()
     out["two_models"] = problems
@@ -452,6 +472,8 @@ def test_lifecycle_rewrap_two_models_freeze_and_reinit():
     for out in results:
         assert out["rewrap"] == [[mean_x] * 3] * 2
         assert out["two_models"] == []
+        assert "ranks disagree" in out["two_models_order"], out["two_models_order"]
+        assert "same order" in out["two_models_order"]
         assert out["unfrozen"] and "branch.weight" in out["unfrozen"], out["unfrozen"]
         assert out["unfrozen_after"] == [8.0] * 8  # batch of 8, sum loss
         assert out["after_shutdown"] and "ddl.init" in out["after_shutdown"]
@@ -488,6 +510,12 @@ def _allreduce_edges(algs):
         ro.flags.writeable = False
         row["np_readonly"] = _expect_error(lambda ro=ro, a=alg: ddl.allreduce(ro, algorithm=a))
         row["np_i16"] = _expect_error(lambda: ddl.allreduce(np.ones(3, np.int16)))
+        # Elements sharing memory have no in-place result: refused before anything moves
+        # (it used to fail after the collective and stop ddl for good).
+        row["expand"] = _expect_error(lambda: ddl.allreduce(torch.zeros(1).expand(4)))
+        zs = np.lib.stride_tricks.as_strided(np.zeros(1), (3,), (0,), writeable=True)
+        row["np_stride0"] = _expect_error(lambda zs=zs: ddl.allreduce(zs))
+        row["after"] = ddl.allreduce(torch.ones(2), algorithm=alg).tolist()
         out[alg] = row
     return out
 
@@ -506,6 +534,8 @@ def test_allreduce_edge_inputs_every_algorithm():
             assert row["np_i32"] == [s] * 7
             assert "read-only" in row["np_readonly"]
             assert "not supported" in row["np_i16"] or "no torch" in row["np_i16"]
+            assert "share memory" in row["expand"] and "share memory" in row["np_stride0"]
+            assert row["after"] == [float(p)] * 2
 
 
 # --------------------------------------------------------------------------- large and uneven
