@@ -1,12 +1,15 @@
 """Adversarial ddl: realistic training code, run side by side with torch's DDP.
 
-Every model scenario trains a DDP replica and a ``ddl.wrap`` replica from the same
+Every model scenario trains a reference replica and a ``ddl.wrap`` replica from the same
 (per-rank different) initial weights on the same per-rank data, and compares gradients,
-buffers and parameters after every step. With 2 ranks both libraries scale each gradient
-by 1/2 (exact) and add two values (a + b == b + a), so the comparison is bitwise; with
-4 ranks only the large-tensor allreduce runs, against ``dist.all_reduce`` with the
-rounding bound of ``test_ddl_allreduce.py`` (each order of p summands is within
-(p - 1) u sum|x_i| of the exact sum).
+buffers and parameters after every step. The reference is DDP itself, or, where DDP
+raises (double backward with retain_graph, reentrant checkpoint), DDP's maths by hand
+(``_Manual``). Tolerance: none. With 2 ranks both sides scale each gradient by 1/2
+(exact) and add two values (a + b == b + a), so every comparison is bitwise, fp16 and
+bf16 included. The 4-rank 64 MiB allreduce uses multiples of 1/4 below 16, whose sums
+over 4 ranks are exact in float32 in any order, so every algorithm must also match
+``dist.all_reduce`` bitwise there (rounding-order tolerances for random data are the
+subject of ``test_ddl_allreduce.py``).
 
 Scenarios are grouped into a few launches because starting ranks costs seconds.
 """
