@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from failing_backward import FailsInBackward
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -740,20 +741,6 @@ def test_storage_resized_by_its_owner_after_save(limit):
 
     want, got, _ = parity(Resizes, step, limit)
     same(want, got)
-
-
-class FailsInBackward(torch.autograd.Function):
-    fail = False
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        if FailsInBackward.fail:
-            raise ValueError("backward boom")
-        return grad
 
 
 def test_a_backward_that_raises_midway_does_not_turn_prefetch_off():

@@ -12,6 +12,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from failing_backward import FailsInBackward
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -598,20 +599,6 @@ def test_torch_save_model_and_optimizer_then_resume_into_a_new_lms_model():
     assert_same(paged, resumed)
 
 
-class Fail(torch.autograd.Function):
-    on = False
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        if Fail.on:
-            raise ValueError("backward failed")
-        return g
-
-
 class Failing(MLP):
     boom = False
 
@@ -619,7 +606,7 @@ class Failing(MLP):
         x = torch.tanh(self.layers[0](x))
         if self.boom:
             raise ValueError("forward failed")
-        x = Fail.apply(x)
+        x = FailsInBackward.apply(x)
         for layer in self.layers[1:]:
             x = torch.tanh(layer(x))
         return self.head(x)
@@ -635,12 +622,12 @@ def test_exception_in_backward_then_training_goes_on(zero):
     for model in (base, paged):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step(model, opt, *batches[0])
-        Fail.on = True
+        FailsInBackward.fail = True
         try:
             with pytest.raises(ValueError, match="backward failed"):
                 F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
         finally:
-            Fail.on = False
+            FailsInBackward.fail = False
         if zero != "keep":
             opt.zero_grad(set_to_none=zero == "none")
         step(model, opt, *batches[2])
