@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as ckpt
 from ddl_harness import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.torch_version import TorchVersion
 
 import ddl
 
@@ -356,8 +357,17 @@ def _models(names):
 # --------------------------------------------------------------------------- launches
 
 
+# The reference itself fails here on older torch: on 2.11, DDP's buffer broadcast before
+# the second of two forwards raises "modified by an inplace operation" at backward
+# (ddl's does not; checked on 2.11 and 2.13). Compared only where DDP can run it.
+_DDP_RUNS_TWO_FORWARDS_WITH_BUFFERS = TorchVersion(torch.__version__) >= "2.13"
+
+
 def _two_rank_models():
-    return _models(list(_MODEL_CASES))
+    names = list(_MODEL_CASES)
+    if not _DDP_RUNS_TWO_FORWARDS_WITH_BUFFERS:
+        names.remove("batchnorm_two_forwards")
+    return _models(names)
 
 
 def test_models_match_ddp_bitwise_on_two_ranks():
