@@ -467,14 +467,7 @@ class ActivationSwapper:
         block = None
         try:
             if need > 0:
-                on_device = (
-                    {**self._resident, **self._returned} if self._returned else self._resident
-                )
-                keys = plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need)
-                for key in keys:
-                    victim = on_device[key]
-                    self._evict(victim)
-                    freed += victim.nbytes
+                freed = self._evict_oldest(need, in_use_too=True)
             if freed < need:
                 block = self.pool.acquire(entry.nbytes)
         except BaseException:
@@ -508,9 +501,7 @@ class ActivationSwapper:
         need = self.budget.excess()
         if need <= 0:
             return  # under the limit: the common case
-        resident = ((e.seq, e.nbytes) for e in self._resident.values() if e is not protect)
-        for key in plan_evictions(resident, need):
-            self._evict(self._resident[key])
+        self._evict_oldest(need, in_use_too=False, protect=protect)
         self._throttle(self._largest)
 
     def _make_room(self, need: int) -> None:
@@ -521,12 +512,27 @@ class ActivationSwapper:
         """
         with self._critical():
             self._reap()
-            on_device = self._resident
-            if self.phase is not Phase.BACKWARD and self._returned:
-                on_device = {**self._resident, **self._returned}
-            for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
-                self._evict(on_device[key])
+            self._evict_oldest(need, in_use_too=self.phase is not Phase.BACKWARD)
             self._throttle(need)
+
+    def _evict_oldest(self, need: int, in_use_too: bool, protect: _Entry | None = None) -> int:
+        """Evict resident entries, oldest saved first, until ``need`` bytes leave.
+
+        NOTE [Swap policy] Rule 1. ``in_use_too`` also offers the entries already
+        used or brought back (``_returned``): fine in forward and between steps, but
+        in backward they are in use (Rule 5). ``protect`` is never evicted.
+        Returns the bytes evicted.
+        """
+        on_device = self._resident
+        if in_use_too and self._returned:
+            on_device = {**self._resident, **self._returned}
+        candidates = ((e.seq, e.nbytes) for e in on_device.values() if e is not protect)
+        freed = 0
+        for key in plan_evictions(candidates, need):
+            victim = on_device[key]
+            self._evict(victim)
+            freed += victim.nbytes
+        return freed
 
     def _evict(self, entry: _Entry) -> None:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""
@@ -671,9 +677,7 @@ class ActivationSwapper:
         # runs; entries with a host copy leave for free.
         need = self.budget.excess()
         if need > 0:
-            on_device = {**self._resident, **self._returned}
-            for key in plan_evictions(((e.seq, e.nbytes) for e in on_device.values()), need):
-                self._evict(on_device[key])
+            self._evict_oldest(need, in_use_too=True)
 
     def _fetch(self, entry: _Entry) -> None:
         try:
