@@ -8,6 +8,7 @@ and nowhere else (``resolve_config``), so every entry point agrees on them.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -64,13 +65,17 @@ def _normalize_size(value: object, name: str, allow_fraction: bool) -> int | flo
     hint = "give bytes as an int, a string with units such as '20GiB' or '512MB'" + (
         ", or a float in (0, 1] for a fraction of the device" if allow_fraction else ""
     )
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    # numbers.Integral/Real rather than int/float: sizes computed with NumPy
+    # (np.int64, np.float32) are sizes too. A bool is an Integral but never a size.
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
         raise LMSError(f"{name}={value!r} is not a size; {hint}")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
+        value = int(value)  # stored normalized: a plain int, whatever the input type
         if value < 0:
             raise LMSError(f"{name}={value} is negative; {hint}")
         return value
-    if isinstance(value, float):
+    if isinstance(value, numbers.Real):
+        value = float(value) + 0.0  # + 0.0 turns -0.0 into 0.0
         if not allow_fraction:
             if math.isfinite(value) and value >= 0 and value == int(value):
                 return int(value)
@@ -200,8 +205,9 @@ class LMSConfig:
         object.__setattr__(self, "host_limit", _normalize_size(host, "host_limit", True))
         if not (self.weights is True or self.weights is False or self.weights == "auto"):
             raise LMSError(f"weights={self.weights!r} must be 'auto', True or False")
-        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int):
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, numbers.Integral):
             raise LMSError(f"lookahead={self.lookahead!r} must be an int >= 0")
+        object.__setattr__(self, "lookahead", int(self.lookahead))
         if self.lookahead < 0:
             raise LMSError(f"lookahead={self.lookahead} must be >= 0")
         if not isinstance(self.enabled, bool):

@@ -111,3 +111,24 @@ def test_format_bytes():
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(3 * 1024**3) == "3.00 GiB"
     assert format_bytes(None) == "n/a"
+
+
+def test_numpy_numbers_are_sizes_and_are_stored_as_plain_python_numbers():
+    # Sizes computed with NumPy (np.int64 from a product of shapes, np.float32 from an
+    # array) were refused as "not a size", np.float64 was kept as np.float64, and -0.0
+    # was kept as -0.0 (printed as such in the config).
+    np = pytest.importorskip("numpy")
+    cfg = LMSConfig(limit=np.int64(2 * MiB), min_size=np.int32(4096), host_limit=np.float32(0.5))
+    assert cfg.limit == 2 * MiB and type(cfg.limit) is int
+    assert cfg.min_size == 4096 and type(cfg.min_size) is int
+    assert cfg.host_limit == 0.5 and type(cfg.host_limit) is float
+    assert type(LMSConfig(limit=np.float64(0.5)).limit) is float
+    assert LMSConfig(lookahead=np.int64(3)).lookahead == 3
+    assert type(LMSConfig(lookahead=np.int64(3)).lookahead) is int
+    assert str(LMSConfig(limit=-0.0).limit) == "0.0"
+    assert parse_size(np.uint64(1000)) == 1000
+    for bad in (np.int64(-1), np.bool_(True), np.float64(np.nan)):
+        with pytest.raises(LMSError, match="limit"):
+            LMSConfig(limit=bad)
+    with pytest.raises(LMSError, match="lookahead"):
+        LMSConfig(lookahead=np.int64(-1))
