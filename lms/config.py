@@ -95,10 +95,20 @@ def _normalize_size(value: object, name: str, allow_fraction: bool) -> int | flo
         return number / 100
     if unit not in _UNITS:
         raise LMSError(f"{name}={value!r} has an unknown unit {m.group(2)!r}; {hint}")
-    if unit == "" and "." in m.group(1) and allow_fraction:
-        # A bare "0.8" (typically from LMS_LIMIT) means the same as the float 0.8.
+    literal = m.group(1)
+    if unit == "" and ("." in literal or not number.is_integer()):
+        # A bare "0.8" or "1e-3" (typically from LMS_LIMIT or LMS_MIN_SIZE) means what
+        # the float means: a fraction where one is allowed, else whole bytes or an error.
+        # Truncating it instead made "0.5" for min_size 0 bytes (swap everything).
         return _normalize_size(number, name, allow_fraction)
-    return int(number * _UNITS[unit])
+    if literal.isdigit():  # exact, also beyond a float's 53 bits
+        return int(literal) * _UNITS[unit]
+    nbytes = number * _UNITS[unit]
+    if nbytes != int(nbytes) and (unit == "b" or nbytes < 1):
+        # "1.5B" is no size, and "0.5B" would truncate to 0, which means "swap every
+        # tensor" for limit; fractions of a byte from a larger unit ("1.1KiB") round down.
+        raise LMSError(f"{name}={value!r} is not a whole number of bytes; {hint}")
+    return int(nbytes)
 
 
 def parse_size(

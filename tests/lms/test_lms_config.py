@@ -132,3 +132,36 @@ def test_numpy_numbers_are_sizes_and_are_stored_as_plain_python_numbers():
             LMSConfig(limit=bad)
     with pytest.raises(LMSError, match="lookahead"):
         LMSConfig(lookahead=np.int64(-1))
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("1e-3", 0.001),  # a bare non-integer is what the float means: a fraction
+        ("1e3", 1000),  # an integer literal is bytes
+        ("1.0", 1.0),
+        ("1e3MiB", 1000 * MiB),
+        ("1.1KiB", 1126),  # a fraction of a byte from a larger unit rounds down
+        ("123456789012345678901", 123456789012345678901),  # exact beyond 2**53
+    ],
+)
+def test_bare_and_unit_strings_mean_what_they_say(value, want):
+    got = LMSConfig(limit=value).limit
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value", ["0.5b", "1.5 B", "0.0001KB", "1e-3"])
+def test_fractional_bytes_are_refused_not_truncated(value):
+    # These parsed to int(number * unit): "0.5b" and "1e-3" became limit 0 (swap every
+    # tensor), "0.5" for min_size became 0 bytes, silently.
+    with pytest.raises(LMSError, match="min_size.*whole number of bytes"):
+        LMSConfig(min_size=value)
+    if value != "1e-3":
+        with pytest.raises(LMSError, match="limit.*whole number of bytes"):
+            LMSConfig(limit=value)
+
+
+def test_a_bare_decimal_for_min_size_is_bytes_or_an_error_naming_the_variable():
+    assert resolve_config(env={"LMS_MIN_SIZE": "2048.0"}).min_size == 2048
+    with pytest.raises(LMSError, match="LMS_MIN_SIZE.*whole number of bytes"):
+        resolve_config(env={"LMS_MIN_SIZE": "0.5"})
