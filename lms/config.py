@@ -13,6 +13,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import ClassVar
 
 from .errors import LMSError
 
@@ -205,6 +207,11 @@ class LMSConfig:
     host_limit: Size | None = None
     lookahead: int = 1
     enabled: bool = True
+    # The fields whose value came from an environment variable (set by resolve_config),
+    # so that a value refused only later, against the device, names the variable to
+    # change rather than an argument the user may not have passed. Not a field: it is
+    # where a value came from, not a setting.
+    _env_vars: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __post_init__(self) -> None:
         limit = DEFAULT_LIMIT_FRACTION if self.limit is None else self.limit
@@ -229,12 +236,14 @@ class LMSConfig:
         Raises:
             LMSError: if the limit is larger than the device.
         """
-        limit = parse_size(self.limit, device_total, name="limit")
+        var = self._env_vars.get("limit")
+        limit = parse_size(self.limit, device_total, name=var or "limit")
         if device_total and limit > device_total:
+            source = f" (from the environment variable {var})" if var else ""
             raise LMSError(
-                f"limit {format_bytes(limit)} is larger than the device's "
-                f"{format_bytes(device_total)}; lower limit (a float such as 0.9 means "
-                "a fraction of the device)"
+                f"limit {format_bytes(limit)}{source} is larger than the device's "
+                f"{format_bytes(device_total)}; lower {var or 'limit'} (a float such as 0.9 "
+                "means a fraction of the device)"
             )
         return limit
 
@@ -302,6 +311,7 @@ def resolve_config(
         if v is not None
     }
     cfg = replace(cfg, **fields)
+    from_env = {}
     for var, field in (("LMS_LIMIT", "limit"), ("LMS_MIN_SIZE", "min_size")):
         raw = env.get(var)
         if raw is not None and raw.strip():
@@ -309,6 +319,9 @@ def resolve_config(
                 cfg = replace(cfg, **{field: raw.strip()})
             except LMSError as e:
                 raise LMSError(f"environment variable {var}: {e}") from None
+            from_env[field] = var
     if "LMS_DISABLE" in env and _env_flag(env["LMS_DISABLE"]):
         cfg = replace(cfg, enabled=False)
+    if from_env:  # after the last replace(), which would drop it
+        object.__setattr__(cfg, "_env_vars", MappingProxyType(from_env))
     return cfg
