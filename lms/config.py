@@ -60,12 +60,16 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _WEIGHTS = ("auto", True, False)
+# What a fractional setting is a fraction of, where it is not the device's memory.
+_FRACTION_OF = {"host_limit": "the host's RAM"}
 
 
 def _normalize_size(value: object, name: str, allow_fraction: bool) -> int | float:
     """Bytes as an ``int``, or a fraction in [0, 1] as a ``float``; LMSError otherwise."""
     hint = "give bytes as an int, a string with units such as '20GiB' or '512MB'" + (
-        ", or a float in (0, 1] for a fraction of the device" if allow_fraction else ""
+        f", or a float in (0, 1] for a fraction of {_FRACTION_OF.get(name, 'the device')}"
+        if allow_fraction
+        else ""
     )
     # numbers.Integral/Real rather than int/float: sizes computed with NumPy
     # (np.int64, np.float32) are sizes too. A bool is an Integral but never a size.
@@ -234,9 +238,17 @@ class LMSConfig:
         """The limit in bytes on a device with ``device_total`` bytes.
 
         Raises:
-            LMSError: if the limit is larger than the device.
+            LMSError: if the limit is larger than the device, or a fraction of a device
+                that does not report its size (``device_total`` 0).
         """
         var = self._env_vars.get("limit")
+        if not device_total and isinstance(self.limit, float):
+            # 0 means the device did not say; a fraction of it would be limit 0, which
+            # silently means "swap every tensor".
+            raise LMSError(
+                f"limit={self.limit!r} is a fraction of the device's memory, but this device "
+                f"does not report its size; give {var or 'limit'} in bytes, e.g. '20GiB'"
+            )
         limit = parse_size(self.limit, device_total, name=var or "limit")
         if device_total and limit > device_total:
             source = f" (from the environment variable {var})" if var else ""
@@ -248,8 +260,19 @@ class LMSConfig:
         return limit
 
     def host_limit_bytes(self, host_total: int | None = None) -> int:
-        """The pinned-host cap in bytes (``host_total`` defaults to physical RAM)."""
+        """The pinned-host cap in bytes (``host_total`` defaults to physical RAM).
+
+        Raises:
+            LMSError: if the cap is a fraction and the RAM is unknown (``host_total`` 0).
+        """
         total = physical_memory() if host_total is None else host_total
+        if not total and isinstance(self.host_limit, float):
+            # As in limit_bytes: a fraction of an unknown total would be a cap of 0 bytes,
+            # failing at the first swap with a message about a 0 B host_limit.
+            raise LMSError(
+                f"host_limit={self.host_limit!r} is a fraction of the host's RAM, but this "
+                "machine does not report its RAM; give host_limit in bytes, e.g. '64GiB'"
+            )
         return parse_size(self.host_limit, total, name="host_limit")
 
 

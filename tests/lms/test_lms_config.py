@@ -165,3 +165,23 @@ def test_a_bare_decimal_for_min_size_is_bytes_or_an_error_naming_the_variable():
     assert resolve_config(env={"LMS_MIN_SIZE": "2048.0"}).min_size == 2048
     with pytest.raises(LMSError, match="LMS_MIN_SIZE.*whole number of bytes"):
         resolve_config(env={"LMS_MIN_SIZE": "0.5"})
+
+
+def test_a_fraction_of_an_unknown_total_is_refused_not_taken_as_zero():
+    # device_total_memory and physical_memory return 0 when the device or OS does not
+    # say; a fraction of 0 became limit 0 (swap every tensor) or a host cap of 0 bytes.
+    with pytest.raises(LMSError, match="does not report its size.*limit in bytes"):
+        LMSConfig().limit_bytes(device_total=0)
+    with pytest.raises(LMSError, match="does not report its RAM.*host_limit in bytes"):
+        LMSConfig().host_limit_bytes(host_total=0)
+    assert LMSConfig(limit="1GiB").limit_bytes(device_total=0) == 1024**3
+    assert LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=0) == 1024**3
+    with pytest.raises(LMSError, match="LMS_LIMIT in bytes"):
+        resolve_config(env={"LMS_LIMIT": "0.5"}).limit_bytes(device_total=0)
+
+
+def test_a_bad_host_limit_fraction_says_it_is_a_fraction_of_host_ram():
+    with pytest.raises(LMSError, match="fraction of the host's RAM"):
+        LMSConfig(host_limit=1.5)
+    with pytest.raises(LMSError, match="fraction of the device"):
+        LMSConfig(limit=1.5)
