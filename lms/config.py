@@ -263,7 +263,8 @@ class LMSConfig:
         """The pinned-host cap in bytes (``host_total`` defaults to physical RAM).
 
         Raises:
-            LMSError: if the cap is a fraction and the RAM is unknown (``host_total`` 0).
+            LMSError: if the cap is larger than the RAM, or a fraction and the RAM is
+                unknown (``host_total`` 0).
         """
         total = physical_memory() if host_total is None else host_total
         if not total and isinstance(self.host_limit, float):
@@ -273,7 +274,16 @@ class LMSConfig:
                 f"host_limit={self.host_limit!r} is a fraction of the host's RAM, but this "
                 "machine does not report its RAM; give host_limit in bytes, e.g. '64GiB'"
             )
-        return parse_size(self.host_limit, total, name="host_limit")
+        cap = parse_size(self.host_limit, total, name="host_limit")
+        if total and cap > total:
+            # A cap the machine cannot reach caps nothing: the machine would run out of
+            # memory first, which is what host_limit is there to prevent.
+            raise LMSError(
+                f"host_limit {format_bytes(cap)} is larger than this machine's "
+                f"{format_bytes(total)} of RAM, so it would not stop LMS before the machine "
+                "runs out; lower host_limit (a float such as 0.5 means a fraction of RAM)"
+            )
+        return cap
 
 
 def _env_flag(value: str) -> bool:

@@ -66,3 +66,11 @@ def test_a_limit_from_the_environment_refused_against_the_device_names_the_varia
     assert_untouched(model)
     monkeypatch.delenv("LMS_LIMIT")
     assert_enables_again(model)
+
+
+def test_a_host_limit_above_the_machines_ram_is_refused_at_enable():
+    model = make_model()
+    with pytest.raises(lms.LMSError, match="host_limit .* larger than this machine's"):
+        lms.enable(model, host_limit="1000TiB")
+    assert_untouched(model)
+    assert_enables_again(model)

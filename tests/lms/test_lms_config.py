@@ -51,7 +51,7 @@ def test_config_normalizes_and_defaults():
     assert d.limit == DEFAULT_LIMIT_FRACTION and d.min_size == MiB and d.weights == "auto"
     assert d.limit_bytes(1000) == int(1000 * DEFAULT_LIMIT_FRACTION)
     assert d.host_limit_bytes(host_total=100) == 50
-    assert LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=10) == 1024**3
+    assert LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=2 * 1024**3) == 1024**3
 
 
 @pytest.mark.parametrize(
@@ -185,3 +185,11 @@ def test_a_bad_host_limit_fraction_says_it_is_a_fraction_of_host_ram():
         LMSConfig(host_limit=1.5)
     with pytest.raises(LMSError, match="fraction of the device"):
         LMSConfig(limit=1.5)
+
+
+def test_a_host_limit_above_the_ram_is_refused():
+    # It was accepted, and a cap the machine cannot reach does not stop LMS before the
+    # machine runs out of memory, which is the one thing host_limit promises.
+    with pytest.raises(LMSError, match="host_limit 1.00 GiB is larger than .*RAM"):
+        LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=10)
+    assert LMSConfig(host_limit=1.0).host_limit_bytes(host_total=10) == 10
