@@ -3,8 +3,10 @@
 NumPy arrays become torch tensors through ``torch.from_numpy`` and anything else that
 speaks DLPack (CuPy, JAX, ...) through ``torch.from_dlpack``; both share memory, so the
 reduction writes straight into the caller's array. A copy is made only when the memory
-cannot be viewed as one contiguous run (non-contiguous or negatively strided arrays); the
-result is then copied back, so in-place semantics hold either way. CuPy is never imported.
+cannot be viewed as one contiguous run in row-major order (transposed, Fortran-order,
+strided or negatively strided arrays) or holds another byte order than the machine's; the
+result is then copied back, so in-place semantics hold either way. Every rank thus reduces
+its elements in the same logical order, whatever each one's layout. CuPy is never imported.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | Non
             raise DDLError(
                 f"{what}: the NumPy array is read-only; pass a writable array (x.copy())"
             )
-        if any(s < 0 for s in x.strides):
-            # torch cannot view negative strides: reduce a copy and write it back after.
-            copy = np.ascontiguousarray(x)
+        if any(s < 0 for s in x.strides) or not x.dtype.isnative:
+            # torch can view neither negative strides nor another byte order than the
+            # machine's ('>f4' on x86): reduce a native copy and write it back after
+            # (np.copyto swaps the bytes back).
+            copy = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
             return _from_numpy(copy, what), lambda: np.copyto(x, copy)
         return _from_numpy(x, what), None
     if hasattr(x, "__dlpack__"):

@@ -1,0 +1,78 @@
+"""Adversarial inputs to ``ddl.allreduce`` / ``allreduce_async``: arrays, views, dtypes.
+
+Reference: ``torch.distributed.all_reduce`` of a native, contiguous copy of the same values
+(the backend reads raw memory in row-major order, so for a view, a Fortran-order or a
+byte-swapped array that copy is what "the same maths" means). Tolerance: none. The data
+are small integers (and halves of them for "mean"), whose sums are exact in every dtype
+tested and in any order, so every algorithm must match the reference bitwise on 2 and 3
+ranks; how far random data drifts with the reduction order is the subject of
+``test_ddl_allreduce.py``.
+
+In-process tests call ``ddl.interop.as_flat_tensor`` directly; the rest run one launch per
+world size, because starting ranks costs seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from ddl_harness import run_ranks
+
+import ddl
+from ddl.interop import as_flat_tensor
+
+ALGS = ("native", "ring", "multiring", "hierarchical", "auto")
+
+
+def _reference(values: np.ndarray) -> np.ndarray:
+    """What ``dist.all_reduce`` gives for ``values`` on every rank (sum, native order)."""
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("=")))
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_non_native_byte_order_is_reduced_through_a_native_copy():
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    flat, finish = as_flat_tensor(big, "demo")
+    assert flat.dtype == torch.float32 and flat.tolist() == list(range(6))
+    flat.mul_(2)
+    finish()  # the result lands in the caller's big-endian array
+    assert big.dtype == np.dtype(">f4") and big.ravel().tolist() == [0, 2, 4, 6, 8, 10]
+
+
+# --------------------------------------------------------------------------- on ranks
+
+
+def _arrays(algs):
+    """Every case on this rank: {alg: {case: (got, expected)}} as plain lists."""
+    r = ddl.rank()
+    out = {}
+    for alg in algs:
+        row = {}
+        # Big-endian arrays (files written on another machine): reduced, written back.
+        for code in (">f4", ">i8", ">f8"):
+            a = (np.arange(12).reshape(3, 4) * (r + 1)).astype(code)
+            expected = _reference(a)
+            assert ddl.allreduce(a, algorithm=alg) is a
+            row[f"byteorder {code}"] = (a.tolist(), expected.tolist(), a.dtype.str)
+        out[alg] = row
+    return out
+
+
+def _check_arrays(results):
+    for per_rank in results:
+        for alg, row in per_rank.items():
+            for case, (got, expected, *rest) in row.items():
+                assert got == expected, (alg, case)
+                if case.startswith("byteorder"):
+                    assert rest[0] == case.split()[1], (alg, case)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_arrays_match_all_reduce_bitwise(world_size):
+    _check_arrays(run_ranks(_arrays, world_size, ALGS, local_size=1, deadline_s=90))
