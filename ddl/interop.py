@@ -110,7 +110,10 @@ def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] 
         raise DDLError(f"{what}: dtype {t.dtype} is not supported; use one of {names}")
     if finish is not None:
         return t.view(-1), finish
-    if t.is_contiguous():
+    if t.is_contiguous() and not t.is_neg():
         return t.view(-1), None
-    flat = t.contiguous().view(-1)
+    # A negated view (z.conj().imag holds -imag lazily, with the neg bit) must be copied
+    # too, even when contiguous: the backend and the rings read its raw memory, which
+    # holds +imag, and a native all_reduce works on a resolved copy it never writes back.
+    flat = t.resolve_neg().contiguous().view(-1)
     return flat, lambda: t.copy_(flat.view_as(t))

@@ -45,6 +45,16 @@ def test_non_native_byte_order_is_reduced_through_a_native_copy():
     assert big.dtype == np.dtype(">f4") and big.ravel().tolist() == [0, 2, 4, 6, 8, 10]
 
 
+def test_negated_views_are_reduced_through_a_copy():
+    z = torch.full((1,), 1 + 2j, dtype=torch.complex64)
+    v = z.conj().imag  # -2, stored as +2 with the neg bit; contiguous (one element)
+    flat, finish = as_flat_tensor(v, "demo")
+    assert finish is not None and not flat.is_neg() and flat.tolist() == [-2.0]
+    flat.mul_(3)
+    finish()
+    assert v.tolist() == [-6.0] and z.tolist() == [1 + 6j]
+
+
 # --------------------------------------------------------------------------- on ranks
 
 
@@ -60,6 +70,14 @@ def _arrays(algs):
             expected = _reference(a)
             assert ddl.allreduce(a, algorithm=alg) is a
             row[f"byteorder {code}"] = (a.tolist(), expected.tolist(), a.dtype.str)
+        # Negated views: z.conj().imag of one element is contiguous, of three strided.
+        for n in (1, 3):
+            z = torch.full((n,), complex(1, r + 1), dtype=torch.complex64)
+            v = z.conj().imag
+            expected = _reference(v.numpy(force=True))
+            assert ddl.allreduce(v, algorithm=alg) is v
+            row[f"neg view {n}"] = (v.tolist(), expected.tolist())
+            row[f"neg view {n} base"] = (z.imag.tolist(), (-expected).tolist())
         out[alg] = row
     return out
 
