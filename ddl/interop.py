@@ -36,6 +36,14 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
 
 def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:
     if isinstance(x, torch.Tensor):
+        if x.is_nested or x.layout != torch.strided:
+            # No strides to view as one run (stride() raises or misleads), and a sparse
+            # tensor's indices may differ between ranks, so no elementwise sum exists.
+            kind = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+            raise DDLError(
+                f"{what}: {kind} tensors are not supported; reduce a dense tensor "
+                "(x.to_dense(), or the nested tensor's components one by one)"
+            )
         return x.detach(), None  # same storage; in-place writes bypass autograd on purpose
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:

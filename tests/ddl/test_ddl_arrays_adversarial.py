@@ -55,6 +55,19 @@ def test_negated_views_are_reduced_through_a_copy():
     assert v.tolist() == [-6.0] and z.tolist() == [1 + 6j]
 
 
+@pytest.mark.filterwarnings("ignore:.*(prototype|beta):UserWarning")
+def test_sparse_and_nested_tensors_are_refused_with_advice():
+    sparse = torch.eye(3).to_sparse()
+    parts = [torch.ones(2), torch.ones(3)]
+    for t, kind in ((sparse, "sparse_coo"), (sparse.to_sparse_csr(), "sparse_csr")):
+        with pytest.raises(ddl.DDLError, match=f"demo: {kind} tensors are not supported.*to_dense"):
+            as_flat_tensor(t, "demo")
+    for layout in (torch.strided, torch.jagged):
+        nested = torch.nested.nested_tensor(parts, layout=layout)
+        with pytest.raises(ddl.DDLError, match="demo: nested tensors are not supported"):
+            as_flat_tensor(nested, "demo")
+
+
 # --------------------------------------------------------------------------- on ranks
 
 
