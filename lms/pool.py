@@ -27,6 +27,11 @@
 # 7. Once the pool is closed (``lms`` removed), a released block is freed, not
 #    cached: entries that outlive ``remove()`` (a backward after it) give their
 #    host memory back as they die instead of leaving it in a pool nobody uses.
+# 8. A block is released once, to the pool that handed it out. Anything else
+#    raises ``LMSError`` and changes nothing: a second release would put the block
+#    on the free list twice (two later requests would share one buffer, each
+#    overwriting the other's swapped tensor), and a foreign block would corrupt
+#    both pools' byte counts.
 """
 
 from __future__ import annotations
@@ -92,13 +97,17 @@ class HostBlock:
             the next writer's stream must wait on it (NOTE [Host pool], rule 3).
     """
 
-    __slots__ = ("buf", "capacity", "last_event", "_id")
+    __slots__ = ("buf", "capacity", "last_event", "_id", "_owner", "_in_use")
 
-    def __init__(self, buf: torch.Tensor, ident: int) -> None:
+    def __init__(self, buf: torch.Tensor, ident: int, owner: object = None) -> None:
         self.buf = buf
         self.capacity = buf.numel()
         self.last_event: Any = None
         self._id = ident
+        # The pool's token (not the pool: a block must not keep its pool alive) and
+        # whether the block is handed out; release checks both (rule 8).
+        self._owner = owner
+        self._in_use = False
 
     def view(self, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` of the block as a ``uint8`` tensor."""
@@ -130,6 +139,7 @@ class HostPool:
         self._free: list[tuple[int, int, HostBlock]] = []  # sorted by (capacity, id)
         self._ids = itertools.count()
         self.closed = False  # rule 7
+        self._token = object()  # rule 8: marks the blocks this pool allocated
         self._lock = threading.RLock()  # reentrant: a GC-run finalizer may release a block
 
     def acquire(self, nbytes: int) -> HostBlock:
@@ -144,12 +154,28 @@ class HostPool:
                 block = self._free.pop(i)[2]
             else:
                 block = self._allocate(nbytes)
+            block._in_use = True
             self.in_use_bytes += block.capacity
             return block
 
     def release(self, block: HostBlock, event: Any = None) -> None:
-        """Return ``block`` for reuse; ``event`` guards the copy still using it, if any."""
+        """Return ``block`` for reuse; ``event`` guards the copy still using it, if any.
+
+        Raises:
+            LMSError: if ``block`` is not handed out by this pool (rule 8).
+        """
         with self._lock:
+            if block._owner is not self._token:
+                raise LMSError(
+                    f"a host block of {format_bytes(block.capacity)} was released to a pool "
+                    "that did not allocate it; this is a bug in LMS, please report it"
+                )
+            if not block._in_use:
+                raise LMSError(
+                    f"a host block of {format_bytes(block.capacity)} was released twice; "
+                    "this is a bug in LMS, please report it"
+                )
+            block._in_use = False
             if event is not None:
                 block.last_event = event
             self.in_use_bytes -= block.capacity
@@ -193,7 +219,7 @@ class HostPool:
         self.held_bytes += size
         self.stats.pinned_allocs += 1
         self.stats.host_bytes = self.held_bytes
-        return HostBlock(buf, next(self._ids))
+        return HostBlock(buf, next(self._ids), self._token)
 
     def close(self) -> None:
         """Drop every cached block; blocks in use are freed when released (rule 7)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lms import LMSError, Stats
-from lms.pool import ALIGN, HostPool
+from lms.pool import ALIGN, HostBlock, HostPool
 from lms.runtime import MemoryBudget
 
 
@@ -84,3 +84,43 @@ def test_measured_budget_keeps_a_reserve_for_temporaries():
     unmeasured = MemoryBudget(limit=1000, stats=Stats())
     unmeasured.note_tensor(200)  # LMS's own accounting: the limit is exact
     assert unmeasured.reserve == 0 and unmeasured.excess() == -1000
+
+
+def test_a_double_release_is_refused_and_changes_nothing():
+    # It was accepted: the block went on the free list twice, in_use_bytes went
+    # negative, and the next two requests got the same buffer.
+    stats = Stats()
+    pool = HostPool(cap=1 << 30, pin=False, stats=stats)
+    a = pool.acquire(10_000)
+    pool.release(a)
+    with pytest.raises(LMSError, match="released twice"):
+        pool.release(a)
+    assert pool.in_use_bytes == 0 and pool.held_bytes == stats.host_bytes == a.capacity
+    first, second = pool.acquire(10_000), pool.acquire(10_000)
+    assert first is a and second is not a
+    assert pool.in_use_bytes == 2 * a.capacity
+
+
+def test_a_foreign_block_is_refused_and_changes_nothing():
+    pool = HostPool(cap=1 << 30, pin=False, stats=Stats())
+    other = HostPool(cap=1 << 30, pin=False, stats=Stats())
+    theirs = other.acquire(10_000)
+    mine = pool.acquire(10_000)
+    for foreign in (theirs, HostBlock(torch.empty(ALIGN, dtype=torch.uint8), mine._id)):
+        with pytest.raises(LMSError, match="did not allocate it"):
+            pool.release(foreign)
+    assert pool.in_use_bytes == pool.held_bytes == mine.capacity
+    assert pool.acquire(10_000) is not theirs
+    other.release(theirs)  # still its own pool's to release
+    assert other.in_use_bytes == 0
+
+
+def test_a_released_block_of_a_closed_pool_is_freed_once():
+    pool = HostPool(cap=1 << 30, pin=False, stats=Stats())
+    a = pool.acquire(10_000)
+    pool.close()
+    pool.release(a)
+    assert pool.held_bytes == 0
+    with pytest.raises(LMSError, match="released twice"):
+        pool.release(a)
+    assert pool.held_bytes == 0 and pool.in_use_bytes == 0
