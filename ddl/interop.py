@@ -11,6 +11,7 @@ its elements in the same logical order, whatever each one's layout. CuPy is neve
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
@@ -59,13 +60,65 @@ def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | Non
         return _from_numpy(x, what), None
     if hasattr(x, "__dlpack__"):
         try:
-            return torch.from_dlpack(x), None
+            return torch.from_dlpack(_Exporter(x, what)), None
+        except DDLError:
+            raise
         except Exception as e:
             raise DDLError(f"{what}: could not view {type(x).__name__} through DLPack ({e})") from e
     raise DDLError(
         f"{what} got a {type(x).__name__}; pass a torch.Tensor, a NumPy array or a CuPy "
         "array (anything with __dlpack__)"
     )
+
+
+class _DLPackHead(ctypes.Structure):
+    """The start of DLPack 1.x's ``DLManagedTensorVersioned``, up to its ``flags``."""
+
+    _fields_ = [
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+_DLPACK_READ_ONLY = 1  # DLPACK_FLAG_BITMASK_READ_ONLY
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype, _capsule_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class _Exporter:
+    """Stands in for ``x`` in ``torch.from_dlpack`` and refuses a read-only export.
+
+    torch ignores DLPack 1.x's read-only flag and returns a writable tensor over the
+    producer's memory (a read-only NumPy array, an immutable ``bytes`` buffer), which the
+    reduction would then overwrite. torch still negotiates the call (version, stream,
+    device); this only looks at the capsule it gets back, before torch consumes it.
+    """
+
+    def __init__(self, x: Any, what: str):
+        self._x = x
+        self._what = what
+
+    def __dlpack_device__(self) -> Any:
+        return self._x.__dlpack_device__()
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        capsule = self._x.__dlpack__(*args, **kwargs)
+        name = _capsule_name(capsule)
+        if name == b"dltensor_versioned":
+            head = _DLPackHead.from_address(_capsule_pointer(capsule, name))
+            if head.flags & _DLPACK_READ_ONLY:
+                # The unconsumed capsule's destructor releases the export.
+                raise DDLError(
+                    f"{self._what}: the {type(self._x).__name__} is read-only (its DLPack "
+                    "export says so); pass a writable array (a copy)"
+                )
+        return capsule
 
 
 def _overlaps(t: torch.Tensor) -> bool:

@@ -68,6 +68,34 @@ def test_sparse_and_nested_tensors_are_refused_with_advice():
             as_flat_tensor(nested, "demo")
 
 
+class _DLPackOnly:
+    """Exposes an array only through the DLPack protocol, as CuPy and JAX arrays do."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_read_only_dlpack_exports_are_refused():
+    ro = np.arange(3.0)
+    ro.flags.writeable = False
+    frozen = np.frombuffer(bytes(24), dtype=np.float64)  # memory of an immutable bytes
+    for a in (ro, frozen):
+        with pytest.raises(ddl.DDLError, match="demo: .*read-only.*pass a writable"):
+            flat, _ = as_flat_tensor(_DLPackOnly(a), "demo")
+            flat.add_(1)  # what the reduction would do, had the view been handed out
+    assert ro.tolist() == [0.0, 1.0, 2.0] and frozen.tolist() == [0.0] * 3
+    writable = np.zeros(3)
+    flat, finish = as_flat_tensor(_DLPackOnly(writable), "demo")
+    flat.add_(1)
+    assert finish is None and writable.tolist() == [1.0] * 3  # still a view, no copy
+
+
 # --------------------------------------------------------------------------- on ranks
 
 
