@@ -74,6 +74,22 @@
 #    that was saved (same address and size); once resized it is left to its
 #    owner (``Where.OWNED``): uncharged, never copied, used in place in backward,
 #    exactly as without LMS.
+# 10. Casts of parameters. Autocast saves for backward the low-precision cast
+#    of each weight it feeds to a matmul (``weight.to(bfloat16)``, cached per
+#    region). Such a tensor is recognised at save time by its autograd history
+#    (a ``ToCopyBackward0`` straight from the ``AccumulateGrad`` of one of the
+#    model's parameters, same shape and strides) and remembered with its
+#    source (``_CastSource``). While it fits it stays resident like any entry;
+#    evicting it drops it (``Where.DROPPED``): no copy out, none back, and
+#    backward makes it again from the parameter, on the compute stream, when it
+#    is unpacked. The cast is deterministic, so the values are bitwise those
+#    autocast saved. Dropped casts are chosen before any other eviction, and a
+#    new cast that does not fit is dropped at once (NOTE [Swap policy] Rule 5).
+#    The parameter must be unchanged at that point: a parameter modified in
+#    place between forward and backward (an optimizer step in between) would
+#    give a cast of the new values, so unpacking raises ``LMSError`` instead.
+#    Paged parameters are left out: their shells are empty in backward (NOTE
+#    [Weight paging] Rule 11), so their casts are swapped like any activation.
 """
 
 from __future__ import annotations
@@ -116,6 +132,7 @@ class Where(enum.Enum):
     INCOMING = "incoming"
     BOTH = "both"
     OWNED = "owned"  # resized by its owner after it was saved: used in place (Rule 9)
+    DROPPED = "dropped"  # a parameter's cast, freed; cast again when backward needs it (Rule 10)
     DEAD = "dead"
 
 
@@ -135,6 +152,7 @@ class _Entry:
         "wanted",
         "version",
         "family",
+        "source",
     )
 
     def __init__(
@@ -152,6 +170,54 @@ class _Entry:
         self.copy: Copy | None = None  # the copy in flight, if any
         self.refs = 1  # live _Packed objects: made for the first one
         self.wanted = False  # unpacked while OUTGOING: keep the device copy
+        self.source: _CastSource | None = None  # set when the storage is a parameter's cast
+
+
+class _CastSource:
+    """The parameter a saved storage was cast from, to make it again (Rule 10)."""
+
+    __slots__ = ("param", "dtype", "version")
+
+    def __init__(self, param: nn.Parameter, dtype: torch.dtype) -> None:
+        self.param = param
+        self.dtype = dtype
+        self.version = param._version  # the cast holds these values
+
+    def cast(self, nbytes: int) -> Any:
+        """The cast made again: a storage bitwise equal to the one autocast saved."""
+        p = self.param
+        if p._version != self.version:
+            raise LMSError(
+                f"a parameter ({p.dtype} {list(p.shape)}) was modified in place between "
+                f"forward and backward (version {p._version}, expected {self.version}). "
+                f"LMS freed its {self.dtype} cast that autocast saved for backward and "
+                "makes it again from the parameter, which would now give other values. "
+                "Modify parameters (e.g. optimizer.step()) only after the backward"
+            )
+        with torch.no_grad():
+            storage = p.detach().to(self.dtype).untyped_storage()
+        if storage.nbytes() != nbytes:  # excluded at save time: a bug if it happens
+            raise LMSError(f"re-cast gave {storage.nbytes()} bytes, expected {nbytes}")
+        return storage
+
+
+def _cast_source(root: torch.Tensor, castable: dict[int, nn.Parameter]) -> _CastSource | None:
+    """The parameter ``root`` is a plain dtype cast of, if one of ``castable`` (Rule 10)."""
+    fn = root.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return None
+    acc = fn.next_functions[0][0]
+    param = castable.get(id(getattr(acc, "variable", None)))
+    if (
+        param is None
+        or param.dtype == root.dtype
+        or param.device != root.device
+        or param.shape != root.shape
+        or param.stride() != root.stride()
+        or root.storage_offset() != 0
+    ):
+        return None
+    return _CastSource(param, root.dtype)
 
 
 class _Packed:
@@ -290,6 +356,9 @@ class ActivationSwapper:
         # forward only: they are in use).
         self._resident: OrderedDict[int, _Entry] = OrderedDict()
         self._returned: OrderedDict[int, _Entry] = OrderedDict()
+        # Casts of parameters on the device, not yet used in backward: evicted
+        # before anything in ``_resident``, since dropping them is free (Rule 10).
+        self._resident_casts: OrderedDict[int, _Entry] = OrderedDict()
         self._outgoing: deque[_Entry] = deque()  # device-to-host copies in flight, FIFO
         self._outgoing_bytes = 0
         self._swapped: list[_Entry] = []  # entries ever evicted, in eviction (= save) order
@@ -304,6 +373,11 @@ class ActivationSwapper:
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
         self._owned = [*model.parameters(), *model.buffers()]
+        # Parameters whose casts may be dropped and made again (Rule 10), by id:
+        # the model's parameters except the paged ones, which ``lms.enable`` lists
+        # in ``paged`` once weight paging is attached.
+        self.paged: frozenset[int] = frozenset()
+        self._castable: dict[int, nn.Parameter] = {}
         # Where the first parameter lives once ``lms.enable`` is done (it sets this,
         # after weight paging may have moved a host-built model to the device): a
         # training forward after the model moved elsewhere is refused (Rule 2).
@@ -361,6 +435,11 @@ class ActivationSwapper:
                 self._end_backward()
             self.phase = Phase.FORWARD
             self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
+            self._castable = {
+                id(t): t
+                for t in self._owned
+                if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in self.paged
+            }
             self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -428,6 +507,7 @@ class ActivationSwapper:
         counter.data = self._empty
         base = t._base
         root = t if base is None else base  # the family sharing t's version counter (Rule 3)
+        source = _cast_source(root, self._castable) if self._castable else None
         with self._section:
             entry = self._index.get(ptr)
             if (
@@ -439,6 +519,7 @@ class ActivationSwapper:
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
                 return _Packed(self, entry, t, counter)
             entry = _Entry(next(self._seq), storage, ptr, nbytes, version, root)
+            entry.source = source
             packed = _Packed(self, entry, t, counter)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
@@ -457,6 +538,15 @@ class ActivationSwapper:
         if self._outgoing or self._graveyard:
             self._reap()
         need = self.budget.excess(entry.nbytes, allocated=True)
+        if entry.source is not None:
+            # Rule 10: a cast that does not fit is dropped at once rather than
+            # pushing out anything that would cost a copy.
+            if need <= 0:
+                self.budget.charge(entry.nbytes)
+                self._resident_casts[entry.seq] = entry
+            else:
+                self._drop_cast(entry)
+            return
         if need <= 0 and not self._outgoing:
             # Fits, and no copy is in flight for _throttle to wait on: the common case
             # while under the limit, without the eviction bookkeeping below.
@@ -521,14 +611,24 @@ class ActivationSwapper:
         NOTE [Swap policy] Rule 1. ``in_use_too`` also offers the entries already
         used or brought back (``_returned``): fine in forward and between steps, but
         in backward they are in use (Rule 5). ``protect`` is never evicted.
-        Returns the bytes evicted.
+        Casts of parameters go first, whatever their age: dropping them costs no
+        copy (Rule 10). Returns the bytes evicted.
         """
+        freed = 0
+        if self._resident_casts:
+            casts = self._resident_casts
+            candidates = ((e.seq, e.nbytes) for e in casts.values() if e is not protect)
+            for key in plan_evictions(candidates, need):
+                victim = casts[key]
+                self._evict(victim)
+                freed += victim.nbytes
+            if freed >= need:
+                return freed
         on_device = self._resident
         if in_use_too and self._returned:
             on_device = {**self._resident, **self._returned}
         candidates = ((e.seq, e.nbytes) for e in on_device.values() if e is not protect)
-        freed = 0
-        for key in plan_evictions(candidates, need):
+        for key in plan_evictions(candidates, need - freed):
             victim = on_device[key]
             self._evict(victim)
             freed += victim.nbytes
@@ -536,6 +636,11 @@ class ActivationSwapper:
 
     def _evict(self, entry: _Entry) -> None:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""
+        if entry.source is not None:
+            self._unlist(entry)
+            self.budget.release(entry.nbytes)
+            self._drop_cast(entry)
+            return
         if entry.where is Where.BOTH:
             # The host copy is still valid (Rule 4): dropping the device copy is free.
             self._unlist(entry)
@@ -556,8 +661,14 @@ class ActivationSwapper:
         self._send_out(entry, block)
 
     def _unlist(self, entry: _Entry) -> None:
-        if self._resident.pop(entry.seq, None) is None:
-            self._returned.pop(entry.seq, None)
+        seq = entry.seq
+        if self._resident.pop(seq, None) is None and self._returned.pop(seq, None) is None:
+            self._resident_casts.pop(seq, None)
+
+    def _drop_cast(self, entry: _Entry) -> None:
+        """Let go of a parameter's cast: backward makes it again (Rule 10). Uncharged."""
+        entry.storage = None
+        entry.where = Where.DROPPED
 
     def _send_out(self, entry: _Entry, block: Any) -> None:
         entry.block = block
@@ -606,6 +717,8 @@ class ActivationSwapper:
                 self._reap()
             if entry.where is Where.DEVICE:
                 never_used = self._resident.pop(entry.seq, None)
+                if never_used is None:
+                    never_used = self._resident_casts.pop(entry.seq, None)
                 if never_used is not None:
                     # Never swapped, now in use: not a candidate for eviction in backward.
                     self._returned[entry.seq] = never_used
@@ -620,6 +733,15 @@ class ActivationSwapper:
 
     def _bring_back(self, entry: _Entry) -> None:
         """Make a swapped entry usable on the device (it may still be on its way out)."""
+        if entry.where is Where.DROPPED:
+            entry.storage = entry.source.cast(entry.nbytes)  # Rule 10
+            entry.where = Where.BOTH
+            self.budget.charge(entry.nbytes)
+            self._returned[entry.seq] = entry
+            stats = self.runtime.stats
+            stats.recasts += 1
+            stats.recast_bytes += entry.nbytes
+            return
         if entry.where is Where.HOST:
             self._fetch(entry)  # not prefetched: on demand
         if entry.where is Where.INCOMING:

@@ -248,6 +248,7 @@ def enable(
         raise
     if pager is not None:
         handle.weights = pager
+        swapper.paged = frozenset(id(pp.param) for pp in pager.paged)
         handle._handles.append(pager)  # removed first: parameters back on the device
     else:  # paging moves parameters between host and device on purpose; else they stay
         swapper.home = next(model.parameters()).device

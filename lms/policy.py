@@ -20,6 +20,12 @@
 # 4. Tensors below ``min_size`` never move: a copy has a fixed cost (about 48 us
 #    for 1 MiB, ANCHORS.md), so small ones would cost more time than the memory is
 #    worth (``is_swappable_size``).
+# 5. A saved cast of a parameter (autocast's low-precision weight) is evicted by
+#    dropping it and casting again in backward (NOTE [Activation swapping] Rule
+#    10): no link traffic, one cast kernel. So such casts are evicted before any
+#    other tensor, oldest first among them, and a new one that does not fit is
+#    dropped at once instead of pushing out a tensor that would need copies.
+#    Prefetch never sees them: the cast is made when backward unpacks it.
 # Everything here works on (key, nbytes) pairs and ints, so it is tested without
 # tensors, devices or streams.
 """

@@ -7,6 +7,9 @@
 #    grows its own copy of a counter.
 # 2. ``swap_outs``/``swapped_out_bytes`` count device-to-host copies issued;
 #    ``swap_ins``/``swapped_in_bytes`` count host-to-device copies issued.
+#    ``recasts``/``recast_bytes`` count parameter casts made again in backward
+#    instead of being kept or copied (NOTE [Activation swapping] Rule 10): bytes
+#    that did not cross the link.
 # 3. ``peak_resident_bytes`` is LMS's own accounting (the memory budget's peak,
 #    see NOTE [Memory budget] in lms/runtime.py); ``peak_device_bytes`` is the
 #    allocator's peak (CUDA only), which also sees weights, gradients and
@@ -31,6 +34,10 @@ class Stats:
         swapped_in_bytes: bytes copied host -> device.
         swap_outs: number of device -> host copies.
         swap_ins: number of host -> device copies.
+        recasts: saved low-precision casts of parameters (autocast's) that LMS
+            dropped under the limit and cast again from the parameter in backward,
+            with no copy either way.
+        recast_bytes: the bytes of those casts.
         peak_resident_bytes: most bytes LMS kept resident on the device at once, by
             its own accounting (saved activations, plus paged weight state when
             weight paging is on), not counting bytes already being copied out.
@@ -57,6 +64,8 @@ class Stats:
     swapped_in_bytes: int = 0
     swap_outs: int = 0
     swap_ins: int = 0
+    recasts: int = 0
+    recast_bytes: int = 0
     peak_resident_bytes: int = 0
     peak_device_bytes: int | None = None
     stall_s: float = 0.0
@@ -78,6 +87,7 @@ class Stats:
                 f"peak device      {format_bytes(self.peak_device_bytes)} (allocator)",
                 f"swapped out      {format_bytes(self.swapped_out_bytes)} ({self.swap_outs})",
                 f"swapped in       {format_bytes(self.swapped_in_bytes)} ({self.swap_ins})",
+                f"re-cast          {format_bytes(self.recast_bytes)} ({self.recasts})",
                 f"stall            {self.stall_s * 1e3:.1f} ms",
                 f"host pool        {format_bytes(self.host_bytes)} ({self.pinned_allocs} allocs)",
             ]
