@@ -146,8 +146,14 @@ class HostPool:
         """A block of at least ``nbytes``: a cached one if one fits, else a new one.
 
         Raises:
-            LMSError: if holding a new block would exceed the cap.
+            LMSError: if holding a new block would exceed the cap, or the machine cannot
+                allocate it; the pool is unchanged then, apart from freed cached blocks.
         """
+        if nbytes < 0:
+            raise LMSError(
+                f"a host block of {nbytes} bytes was requested; this is a bug in LMS, "
+                "please report it"
+            )
         with self._lock:
             i = bisect.bisect_left(self._free, (nbytes, -1))
             if i < len(self._free) and self._free[i][0] <= nbytes * SLACK + ALIGN:
@@ -215,7 +221,19 @@ class HostPool:
                 f"{format_bytes(self.cap)}; raise host_limit (if the machine has the RAM), "
                 "raise limit so that less is swapped, or use a smaller batch"
             )
-        buf = pin_pages(size) if self.pin else torch.empty(size, dtype=torch.uint8)
+        try:
+            buf = pin_pages(size) if self.pin else torch.empty(size, dtype=torch.uint8)
+        except RuntimeError as e:
+            # The machine ran out before the cap did (other processes hold the RAM). Our
+            # error, with advice; PyTorch's "can't allocate memory" would otherwise be
+            # reported by the forward guard as the *device* running out.
+            raise LMSError(
+                f"could not allocate {format_bytes(size)} of host memory (LMS holds "
+                f"{format_bytes(self.held_bytes)}, host_limit {format_bytes(self.cap)}): "
+                "the machine has less free RAM than host_limit allows; lower host_limit to "
+                "what it can spare, raise limit so that less is swapped, or use a smaller "
+                f"batch. Original error: {e}"
+            ) from e
         self.held_bytes += size
         self.stats.pinned_allocs += 1
         self.stats.host_bytes = self.held_bytes

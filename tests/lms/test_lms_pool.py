@@ -124,3 +124,27 @@ def test_a_released_block_of_a_closed_pool_is_freed_once():
     with pytest.raises(LMSError, match="released twice"):
         pool.release(a)
     assert pool.held_bytes == 0 and pool.in_use_bytes == 0
+
+
+def test_host_allocation_failure_is_our_error_and_the_pool_stays_usable():
+    # A request under the cap that the machine cannot hold raised PyTorch's
+    # "can't allocate memory" RuntimeError, which the forward guard reports as a
+    # *device* out-of-memory; 1 PiB is beyond any machine's address space.
+    stats = Stats()
+    pool = HostPool(cap=1 << 60, pin=False, stats=stats)
+    kept = pool.acquire(10_000)
+    with pytest.raises(LMSError, match="could not allocate .* host memory.*host_limit"):
+        pool.acquire(1 << 50)
+    assert pool.held_bytes == stats.host_bytes == pool.in_use_bytes == kept.capacity
+    assert stats.pinned_allocs == 1
+    pool.release(kept)
+    assert pool.acquire(10_000) is kept
+
+
+def test_a_negative_request_is_refused():
+    pool = HostPool(cap=1 << 30, pin=False, stats=Stats())
+    with pytest.raises(LMSError, match="-1 bytes"):
+        pool.acquire(-1)
+    assert pool.held_bytes == pool.in_use_bytes == 0
+    zero = pool.acquire(0)  # an empty storage still gets a (page-sized) block
+    assert zero.capacity == ALIGN and zero.view(0).numel() == 0
