@@ -25,7 +25,7 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # Every header has the same length, whatever the operation, so that ranks calling
 # different operations still exchange equal-sized headers and see the difference.
 _HEADER_LEN = 16
-KIND_ALLREDUCE, KIND_WRAP, KIND_BUCKET = 1, 2, 3
+KIND_ALLREDUCE, KIND_WRAP, KIND_BUCKET, KIND_REJECTED = 1, 2, 3, 4
 
 
 def _header(
@@ -53,6 +53,11 @@ def _describe(row: list[int]) -> str:
         return f"wrapped model #{row[2]}'s {part} ({row[4]} elements), collective #{row[1]}"
     if row[0] == KIND_WRAP:
         return f"ddl.wrap of {row[2]} buckets, {row[3]} gradient elements, collective #{row[1]}"
+    if row[0] == KIND_REJECTED:
+        return (
+            "an allreduce it rejected as bad input before sending anything (the DDLError "
+            f"on that rank says why), collective #{row[1]}"
+        )
     if row[0] != KIND_ALLREDUCE:
         return f"unknown operation {row}"
     seq, numel, dt, op_i, alg_i, dev_i, ndim = row[1:8]
@@ -121,7 +126,10 @@ def allreduce_async(
         algorithm: ``"native"``, ``"ring"``, ``"multiring"``, ``"hierarchical"`` or
             ``"auto"`` (asks ``ddl.costmodel.choose_algorithm``).
         check: verify first that every rank passes the same shape/dtype/op/algorithm;
-            default: ``ddl.init(check=...)`` (True).
+            default: ``ddl.init(check=...)`` (True). Every rank must pass the same value.
+            With ``False`` ranks that disagree are not caught: Gloo may abort the process
+            on a size mismatch, or the collective waits out the timeout, and a rank that
+            rejects its input (below) falls out of step with the others.
 
     Returns:
         A :class:`~ddl.group.Handle`; ``wait()`` returns ``x`` holding the result.
@@ -129,7 +137,8 @@ def allreduce_async(
     Raises:
         DDLError: before ``init``; bad type, dtype, op or algorithm; an algorithm that does
             not fit the topology. Mismatches across ranks and timeouts surface from
-            ``wait()``.
+            ``wait()``; so does another rank's rejection of its input, when ``check`` is
+            on (the rejecting rank still takes its turn, so no rank falls out of step).
 
     Example:
         >>> import ddl, torch
@@ -142,20 +151,28 @@ def allreduce_async(
     """
     s = _group.current()
     what = f"ddl.allreduce(op={op!r}, algorithm={algorithm!r})"
-    if op not in OPS:
-        raise DDLError(f"{what}: unknown op {op!r}; use one of {', '.join(OPS)}")
-    flat, finish = as_flat_tensor(x, "ddl.allreduce")
-    if op == "mean" and not flat.is_floating_point():
-        raise DDLError(f"{what}: op='mean' needs a floating dtype, got {flat.dtype}; use op='sum'")
-    shape = tuple(x.shape) if hasattr(x, "shape") else (flat.numel(),)
-    group = s.group_for(flat.device)
-    if group is s.world and flat.device.type != s.device.type:
-        raise DDLError(
-            f"{what}: tensor is on {flat.device}, but the {s.backend} job reduces "
-            f"{s.device.type} tensors; move it to {s.device} (or to the CPU, which uses Gloo)"
-        )
-    concrete = resolve_algorithm(algorithm, flat.numel() * flat.element_size(), s.topology)
     do_check = s.check if check is None else bool(check)
+    try:
+        if op not in OPS:
+            raise DDLError(f"{what}: unknown op {op!r}; use one of {', '.join(OPS)}")
+        flat, finish = as_flat_tensor(x, "ddl.allreduce")
+        if op == "mean" and not flat.is_floating_point():
+            raise DDLError(
+                f"{what}: op='mean' needs a floating dtype, got {flat.dtype}; use op='sum'"
+            )
+        shape = tuple(x.shape) if hasattr(x, "shape") else (flat.numel(),)
+        group = s.group_for(flat.device)
+        if group is s.world and flat.device.type != s.device.type:
+            raise DDLError(
+                f"{what}: tensor is on {flat.device}, but the {s.backend} job reduces "
+                f"{s.device.type} tensors; move it to {s.device} (or to the CPU, which uses "
+                "Gloo)"
+            )
+        concrete = resolve_algorithm(algorithm, flat.numel() * flat.element_size(), s.topology)
+    except DDLError:
+        if do_check:
+            _take_turn_rejected(s, what)
+        raise
     nccl = group is s.world and s.backend == "nccl"
 
     def run() -> None:
@@ -170,6 +187,28 @@ def allreduce_async(
             finish()
 
     return _group.submit(s, flat.device, run, x, what, inline=_inline)
+
+
+def _take_turn_rejected(s: Any, what: str) -> None:
+    """Join the header exchange of the collective this rank just refused to start.
+
+    The other ranks may have passed good input: they are already in (or on their way to)
+    this collective's header all-gather. Had this rank only raised, it would take no
+    sequence number and no turn, so its next collective would pair with theirs (silently
+    reducing unrelated tensors) and every later one would be off by one until a timeout
+    stopped ddl for good. Instead it queues its turn with a header that cannot match, so
+    the others raise a DDLError naming it, and everyone stays in step. When every rank
+    refused, their headers agree and nothing else happens. Not awaited: the caller gets
+    the precise local error at once, and the exchange runs in order on the worker.
+    """
+
+    def run() -> None:
+        check_same_everywhere(s, [KIND_REJECTED, _group.current_seq()], what)
+
+    try:
+        _group.submit(s, torch.device("cpu"), run, None, f"{what} (rejected input)")
+    except DDLError:
+        pass  # an earlier collective failed: every rank refuses everything now anyway
 
 
 def allreduce(x: Any, op: str = "sum", algorithm: str = "auto", check: bool | None = None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 import numpy as np
 import pytest
@@ -73,16 +74,61 @@ def _misuse():
     # A repeated init may restate the running settings, but not change them.
     same = ddl.init(local_size=2, timeout=20.0, check=True) is ddl.topology()
     expect("reinit", lambda: ddl.init(local_size=1, timeout=20.0))
+    # Rank 1 alone rejects its input: it raises at once, and the others get a DDLError
+    # naming it from the same collective, instead of pairing with rank 1's next one.
+    rejected = {}
+    ro_np = np.ones(3, np.float32)
+    ro_np.flags.writeable = False
+    bad_inputs = dict(
+        bool=lambda: ddl.allreduce(torch.ones(3, dtype=torch.bool)),
+        readonly=lambda: ddl.allreduce(ro_np),
+        op=lambda: ddl.allreduce(torch.ones(3), op="max"),
+        mean_int=lambda: ddl.allreduce(torch.ones(3, dtype=torch.int32), op="mean"),
+        topology=lambda: ddl.allreduce(torch.ones(3), algorithm="hierarchical"),
+        type=lambda: ddl.allreduce([1.0, 2.0, 3.0]),
+    )
+    for name, bad in bad_inputs.items():
+        start = time.monotonic()
+        expect(f"one_rank_{name}", bad if r == 1 else lambda: ddl.allreduce(torch.ones(3)))
+        # Each rank's next collective gets its own partners' values (nobody is shifted).
+        t = torch.full((2,), float(r))
+        ddl.allreduce(t)
+        rejected[name] = (time.monotonic() - start, t.tolist())
+    # The same from async calls in flight: rank 1's second call is rejected.
+    xs = [torch.full((4,), float(r + k)) for k in range(3)]
+    handles = [ddl.allreduce_async(xs[0])]
+    expect(
+        "one_rank_async",
+        lambda: handles.append(
+            ddl.allreduce_async(torch.ones(4, dtype=torch.bool if r == 1 else torch.float32))
+        ),
+    )
+    if r != 1:
+        expect("one_rank_async", handles.pop().wait)
+    handles.append(ddl.allreduce_async(xs[2]))
+    for h in reversed(handles):
+        h.wait()
+    rejected["async"] = (0.0, [xs[0].tolist(), xs[2].tolist()])
     # Still healthy: a normal collective gives the right answer.
     t = torch.full((5,), float(r))
     ddl.allreduce(t, op="sum", algorithm="ring")
-    return caught, t.tolist(), same
+    return caught, t.tolist(), same, rejected
 
 
 def test_misuse_raises_everywhere_and_leaves_state_usable():
     results = run_ranks(_misuse, 3, local_size=2, ddl_timeout=20)
-    for caught, after, same in results:
+    for rank, (caught, after, same, rejected) in enumerate(results):
         assert after == [3.0] * 5 and same
+        for name, (took, values) in rejected.items():
+            msg = caught[f"one_rank_{name}"]
+            assert msg is not None, name
+            if rank != 1:
+                assert "ranks [1]: an allreduce it rejected as bad input" in msg, (name, msg)
+                assert "ranks [0, 2]: allreduce of shape (" in msg, (name, msg)
+            if name == "async":
+                assert values == [[3.0] * 4, [9.0] * 4], values
+            else:
+                assert values == [3.0, 3.0] and took < 10, (name, took, values)
         msgs = {k: v for k, v in caught.items()}
         assert all(v is not None for v in msgs.values()), msgs
         assert (
