@@ -21,6 +21,7 @@ from .topology import CHOICES
 __all__ = ["allreduce", "allreduce_async", "broadcast_", "check_same_everywhere"]
 
 _MAX_DIMS = 6
+_DIGEST_MOD = (1 << 61) - 1  # a prime: the shape digest of _header stays in an int64
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # Every header has the same length, whatever the operation, so that ranks calling
 # different operations still exchange equal-sized headers and see the difference.
@@ -43,7 +44,21 @@ def _header(
         dev,
         len(shape),
         *dims,
+        _shape_digest(shape),
     ]
+
+
+def _shape_digest(shape: tuple[int, ...]) -> int:
+    """A number that differs, but for a 2^-61 chance, between two different shapes.
+
+    The header spells out only the first ``_MAX_DIMS`` sizes; this covers the rest, so
+    that (1,1,1,1,1,1,2,3) and (1,1,1,1,1,1,3,2) are told apart too. Plain arithmetic,
+    not ``hash()``, so that every process computes the same number.
+    """
+    h = len(shape)
+    for d in shape:
+        h = (h * 1_000_003 + int(d) + 1) % _DIGEST_MOD
+    return h
 
 
 def _describe(row: list[int]) -> str:
@@ -62,7 +77,9 @@ def _describe(row: list[int]) -> str:
         return f"unknown operation {row}"
     seq, numel, dt, op_i, alg_i, dev_i, ndim = row[1:8]
     dims = row[8 : 8 + min(ndim, _MAX_DIMS)]
-    shape = str(tuple(dims)) if ndim <= _MAX_DIMS else str(tuple(dims))[:-1] + ", ...)"
+    shape = str(tuple(dims))
+    if ndim > _MAX_DIMS:  # the digest tells apart what the first dims do not show
+        shape = f"{shape[:-1]}, ...) ({ndim} dims, digest {row[8 + _MAX_DIMS]:#x})"
     dtype = str(SUPPORTED_DTYPES[dt]).replace("torch.", "")
     op = OPS[op_i] if op_i < len(OPS) else "?"
     alg = CHOICES[alg_i] if alg_i < len(CHOICES) else "?"

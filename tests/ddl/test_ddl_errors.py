@@ -45,6 +45,9 @@ def _misuse():
 
     # Different shapes / dtypes across ranks: found by the header check, no hang.
     expect("shape", lambda: ddl.allreduce(torch.ones(4 + (r == 1)), algorithm="ring"))
+    # Same size, shapes that differ only beyond the dims the header spells out.
+    deep = (1,) * 6 + ((2, 3) if r == 1 else (3, 2))
+    expect("shape_8d", lambda: ddl.allreduce(torch.ones(deep)))
     dtype = torch.float64 if r == 2 else torch.float32
     expect("dtype", lambda: ddl.allreduce(torch.ones(4, dtype=dtype)))
     expect(
@@ -135,6 +138,9 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
             "ranks [0, 2]: allreduce of shape (4,)" in msgs["shape"]
             and "ranks [1]: allreduce of shape (5,)" in msgs["shape"]
         )
+        deep = "allreduce of shape (1, 1, 1, 1, 1, 1, ...) (8 dims, digest 0x"
+        assert f"ranks [0, 2]: {deep}" in msgs["shape_8d"]
+        assert f"ranks [1]: {deep}" in msgs["shape_8d"]
         assert "float64" in msgs["dtype"] and "float32" in msgs["dtype"]
         assert "algorithm='ring'" in msgs["algorithm_differs"]
         assert "does not divide world_size 3" in msgs["topology"]
