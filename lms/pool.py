@@ -9,6 +9,13 @@
 # 2. Blocks are allocated at the size asked for (rounded up to ``ALIGN``), not to
 #    a power of two, so host memory stays close to the bytes actually swapped.
 #    A request reuses the smallest free block that fits within ``SLACK`` of it.
+#    Cached blocks are bounded too: when a request misses, the largest cached
+#    blocks are freed until the pool holds at most ``CACHE_FACTOR`` times the
+#    most bytes ever in use at once. Without that bound, sizes that drift
+#    (variable or growing sequence lengths) left every size ever swapped cached,
+#    growing the pool to the cap (9x the bytes in use for random lengths, 140x
+#    for growing ones in a simulation). Steady sizes never miss, so the bound
+#    costs them nothing; two alternating shapes fit in 2x.
 # 3. Each block remembers the event of the last copy that touched it. The pool
 #    never waits on it; whoever writes the block next makes its stream wait on
 #    that event first (lms/transfer.py), so reuse is ordered on the device
@@ -53,6 +60,7 @@ __all__ = ["HostBlock", "HostPool"]
 
 ALIGN = 4096  # page granularity; also keeps every dtype's view aligned
 SLACK = 1.25  # reuse a free block at most this much larger than the request
+CACHE_FACTOR = 2  # hold at most this many times the peak bytes in use (rule 2)
 
 
 def _unregister(ptr: int) -> None:
@@ -136,6 +144,7 @@ class HostPool:
         self.stats = stats
         self.held_bytes = 0  # allocated, in use or cached
         self.in_use_bytes = 0
+        self.peak_in_use_bytes = 0  # rule 2: what the cached blocks are bounded by
         self._free: list[tuple[int, int, HostBlock]] = []  # sorted by (capacity, id)
         self._ids = itertools.count()
         self.closed = False  # rule 7
@@ -162,6 +171,7 @@ class HostPool:
                 block = self._allocate(nbytes)
             block._in_use = True
             self.in_use_bytes += block.capacity
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
             return block
 
     def release(self, block: HostBlock, event: Any = None) -> None:
@@ -198,20 +208,24 @@ class HostPool:
         with self._lock:
             return self._trim_locked()
 
-    def _trim_locked(self) -> int:
+    def _trim_locked(self, nbytes: int | None = None) -> int:
+        """Free cached blocks, largest first, until ``nbytes`` are freed (all if ``None``)."""
         freed = 0
-        for _, _, block in self._free:
+        while self._free and (nbytes is None or freed < nbytes):
+            block = self._free.pop()[2]
             if block.last_event is not None:
                 # The device may still be copying into or out of it.
                 block.last_event.synchronize()
             freed += block.capacity
-        self._free.clear()
         self.held_bytes -= freed
         self.stats.host_bytes = self.held_bytes
         return freed
 
     def _allocate(self, nbytes: int) -> HostBlock:
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        bound = CACHE_FACTOR * max(self.peak_in_use_bytes, self.in_use_bytes + size)
+        if self.held_bytes + size > bound:  # rule 2: this miss would outgrow the bound
+            self._trim_locked(self.held_bytes + size - bound)
         if self.held_bytes + size > self.cap:
             self._trim_locked()
         if self.held_bytes + size > self.cap:

@@ -148,3 +148,38 @@ def test_a_negative_request_is_refused():
     assert pool.held_bytes == pool.in_use_bytes == 0
     zero = pool.acquire(0)  # an empty storage still gets a (page-sized) block
     assert zero.capacity == ALIGN and zero.view(0).numel() == 0
+
+
+@pytest.mark.parametrize("pattern", ["random", "growing"])
+def test_host_memory_stays_close_to_the_peak_in_use_when_sizes_drift(pattern):
+    # Every size ever swapped stayed cached: with sizes that drift from step to step
+    # (variable or growing sequence lengths) the pool grew towards the cap, many
+    # times the bytes ever in use at once, though the docs promise it stays close.
+    import random
+
+    rng = random.Random(0)
+    stats = Stats()
+    pool = HostPool(cap=1 << 40, pin=False, stats=stats)
+    peak = 0  # the most bytes in use at once
+    for step in range(60):
+        t = rng.randint(4, 64) if pattern == "random" else 4 + step
+        blocks = [pool.acquire(n) for n in [t * 16 * ALIGN] * 4 + [t * t * 256] * 2]
+        peak = max(peak, pool.in_use_bytes)
+        for b in blocks:
+            pool.release(b)
+        assert pool.held_bytes == stats.host_bytes
+        assert pool.held_bytes <= 2 * peak  # NOTE [Host pool] rule 2: CACHE_FACTOR
+    assert pool.in_use_bytes == 0 and pool.peak_in_use_bytes == peak
+
+
+def test_alternating_shapes_still_allocate_nothing_after_the_first_steps():
+    stats = Stats()
+    pool = HostPool(cap=1 << 40, pin=False, stats=stats)
+    for step in range(10):
+        t = (16, 32)[step % 2]
+        blocks = [pool.acquire(n) for n in [t * 16 * ALIGN] * 4 + [t * t * 256] * 2]
+        for b in blocks:
+            pool.release(b)
+        if step == 1:
+            allocs = stats.pinned_allocs
+    assert stats.pinned_allocs == allocs
