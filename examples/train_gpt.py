@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ddl  # noqa: E402
 import lms  # noqa: E402
+from ddl.config import parse_size as ddl_parse_size  # noqa: E402
 from examples.gpt import GPT, GPTConfig, synthetic_batch  # noqa: E402
 from examples.memory_timeline import MemoryTimeline  # noqa: E402
 
@@ -80,7 +82,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--plot", default=None, help="write a PNG of memory over one step here")
     run.add_argument("--json", default=None, help="write the losses and the report here")
     run.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flag values that would train on nothing or fail later inside torch, lms or ddl.
+
+    Every check runs before the model is built, so a typo costs no training time, and the
+    message names the flag (argparse's ``error``: usage, the message, exit status 2).
+    """
+    # --batch 0 would train on empty batches and log a NaN loss; --steps 0 has no loss to
+    # report; --log-every 0 divides by zero at the first step.
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.log_every < 1:
+        p.error(
+            f"--log-every must be at least 1, got {args.log_every} (one above --steps logs nothing)"
+        )
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        p.error(f"--lr must be a finite number >= 0, got {args.lr}")
+    try:
+        model_config(args)
+    except ValueError as e:  # GPTConfig names its fields (n_embd); the user typed flags
+        msg = str(e)
+        for field in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+            msg = msg.replace(field, "--" + field.replace("_", "-"))
+        p.error(msg)
+    if not args.no_lms:
+        # The parser lms.enable uses, so what passes here parses there (whether a limit fits
+        # the device is known only at lms.enable; see main).
+        for flag, field in (("--limit", "limit"), ("--min-size", "min_size")):
+            try:
+                lms.LMSConfig(**{field: getattr(args, field)})
+            except lms.LMSError as e:
+                p.error(f"{flag}: {e}")
+    try:  # only used with several ranks, but a typo should not wait for the multi-node launch
+        ddl_parse_size(args.bucket_size, "--bucket-size")
+    except ddl.DDLError as e:
+        p.error(str(e))
+
+
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+    )
 
 
 def weights_flag(value: str) -> str | bool:
@@ -167,13 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)
     main_rank = rank == 0
 
-    cfg = GPTConfig(
-        vocab_size=args.vocab_size,
-        seq_len=args.seq_len,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-    )
+    cfg = model_config(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
     ckpt = load_checkpoint(args.resume, cfg, world) if args.resume else None
@@ -182,9 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     handle = None
     if not args.no_lms:
-        handle = lms.enable(
-            model, limit=args.limit, min_size=args.min_size, weights=weights_flag(args.weights)
-        )
+        try:
+            handle = lms.enable(
+                model, limit=args.limit, min_size=args.min_size, weights=weights_flag(args.weights)
+            )
+        except lms.LMSError as e:  # a limit the device cannot give, or too small to run
+            raise SystemExit(f"error: {e}") from e
     grad_sync = None
     if distributed:
         # Reduce paged gradients on the device before LMS moves them to host memory.

@@ -1,0 +1,65 @@
+"""The example scripts run as a user would, with the values a user gets wrong.
+
+Each bad value must end in one of our messages that names the flag and says what to do, before
+any training (argparse's exit status 2, or ``SystemExit("error: ...")``), never in a traceback
+from inside torch and never in a run that trains on nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from examples import train_gpt
+
+# A model small enough that a refused run, had it trained, would still be quick.
+MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--vocab-size", "128"]
+MODEL += ["--seq-len", "32", "--no-progress", "--log-every", "1000", "--batch", "2"]
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run train_gpt with ``argv``; return its error text, failing if it trained or crashed."""
+    with pytest.raises(SystemExit) as exc:
+        train_gpt.main([*MODEL, *argv])
+    err = capsys.readouterr().err
+    # argparse's p.error prints to stderr and exits 2; our own refusals carry the message.
+    return err if exc.value.code == 2 else str(exc.value.code)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--steps", "-1"], "--steps must be at least 1, got -1"),
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--batch", "-1"], "--batch must be at least 1, got -1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--log-every", "-1"], "--log-every must be at least 1"),
+        (["--lr", "-1"], "--lr must be a finite number >= 0"),
+        (["--lr", "nan"], "--lr must be a finite number >= 0"),
+        (["--n-embd", "63"], "--n-embd=63 must be a multiple of --n-head=4"),
+        (["--vocab-size", "0"], "--vocab-size must be positive"),
+        (["--n-layer", "0"], "--n-layer must be positive"),
+        (["--limit", "abc"], "--limit: limit='abc' cannot be parsed"),
+        (["--limit", "1.5"], "--limit: limit=1.5 is not a fraction in (0, 1]"),
+        (["--limit", "-5"], "--limit: limit='-5' cannot be parsed"),
+        (["--min-size", "-1"], "--min-size: min_size='-1' cannot be parsed"),
+        (["--min-size", "1.5"], "--min-size"),
+        (["--bucket-size", "abc"], "--bucket-size='abc' is not a size"),
+        (["--bucket-size", "0"], "--bucket-size='0' must be positive"),
+    ],
+)
+def test_bad_flag_values_are_refused_before_training(argv, message, capsys):
+    assert message in _refused(argv, capsys)
+
+
+def test_a_limit_too_small_for_a_module_is_refused_with_lms_message(capsys):
+    err = _refused(["--limit", "1B", "--min-size", "1B", "--weights", "true"], capsys)
+    assert err.startswith("error: limit=1 B is too small for module")
+
+
+@pytest.mark.parametrize("limit", ["0", "512MB", "0.5"])
+def test_documented_limit_forms_train(limit):
+    # 0 moves everything movable; "512MB" is decimal megabytes; 0.5 is half the device (RAM
+    # on the CPU).
+    result = train_gpt.main([*MODEL, "--steps", "1", "--limit", limit])
+    assert len(result["losses"]) == 1
