@@ -123,6 +123,55 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ddl_parse_size(args.bucket_size, "--bucket-size")
     except ddl.DDLError as e:
         p.error(str(e))
+    try:
+        pick_device(args.device, local_rank_from_env(), torch.cuda.device_count())
+    except ValueError as e:
+        p.error(str(e))
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_device(requested: str | None, local_rank: int, cuda_count: int) -> torch.device:
+    """The compute device: ``--device`` if given, else this rank's GPU, else the CPU.
+
+    A bare ``cuda`` means this rank's GPU (``LOCAL_RANK``), as no ``--device`` does on a GPU
+    machine: ``torch.cuda.set_device`` needs an index, and under torchrun every rank would
+    otherwise share GPU 0.
+
+    Raises:
+        ValueError: a string that is not a device, a device type this script does not run
+            on, or a GPU that this machine does not have, with the flag to change.
+    """
+    if requested is None:
+        if not cuda_count:
+            return torch.device("cpu")
+        device = torch.device("cuda", local_rank)
+    else:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(
+                f"--device {requested!r} is not a device; use cpu, cuda or cuda:N"
+            ) from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {requested!r}: this example runs on cpu or cuda")
+        if device.type == "cpu":
+            return device
+        if not cuda_count:
+            raise ValueError(
+                f"--device {requested}: this torch ({torch.__version__}) sees no CUDA device; "
+                "omit --device to train on the CPU"
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.index >= cuda_count:
+        raise ValueError(
+            f"{device} does not exist: this machine has {cuda_count} CUDA device(s); "
+            "run at most that many processes per node, or pass --device cuda:N"
+        )
+    return device
 
 
 def model_config(args: argparse.Namespace) -> GPTConfig:
@@ -208,13 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         ddl.init()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    local_rank = local_rank_from_env()
+    device = pick_device(args.device, local_rank, torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     main_rank = rank == 0

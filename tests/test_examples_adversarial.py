@@ -7,7 +7,10 @@ from inside torch and never in a run that trains on nothing.
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 
 from examples import train_gpt
 
@@ -63,3 +66,42 @@ def test_documented_limit_forms_train(limit):
     # on the CPU).
     result = train_gpt.main([*MODEL, "--steps", "1", "--limit", limit])
     assert len(result["losses"]) == 1
+
+
+@pytest.mark.parametrize(
+    "requested, local_rank, cuda_count, expected",
+    [
+        (None, 0, 0, "cpu"),
+        (None, 1, 2, "cuda:1"),
+        ("cpu", 1, 2, "cpu"),
+        # A bare "cuda" crashed in torch.cuda.set_device, which needs an index; it means this
+        # rank's GPU, as no --device does.
+        ("cuda", 1, 2, "cuda:1"),
+        ("cuda:0", 1, 2, "cuda:0"),
+    ],
+)
+def test_device_choice(requested, local_rank, cuda_count, expected):
+    assert train_gpt.pick_device(requested, local_rank, cuda_count) == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    "requested, local_rank, cuda_count, message",
+    [
+        ("cuda", 0, 0, "sees no CUDA device; omit --device to train on the CPU"),
+        ("cuda:2", 0, 2, "cuda:2 does not exist: this machine has 2 CUDA device(s)"),
+        # torchrun with more processes per node than GPUs.
+        (None, 3, 2, "cuda:3 does not exist: this machine has 2 CUDA device(s)"),
+        ("foo", 0, 0, "--device 'foo' is not a device; use cpu, cuda or cuda:N"),
+        ("meta", 0, 0, "this example runs on cpu or cuda"),
+    ],
+)
+def test_device_that_cannot_be_used_is_refused(requested, local_rank, cuda_count, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_gpt.pick_device(requested, local_rank, cuda_count)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "foo"])
+def test_device_flag_without_cuda_is_refused_before_training(device, capsys):
+    err = _refused(["--device", device], capsys)
+    assert "omit --device to train on the CPU" in err or "is not a device" in err
