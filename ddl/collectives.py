@@ -191,17 +191,25 @@ def allreduce_async(
             _take_turn_rejected(s, what)
         raise
     nccl = group is s.world and s.backend == "nccl"
+    # A tensor made under torch.inference_mode() (an eval loss, say) may be written in
+    # place only inside inference mode, and a normal one only outside it where it is
+    # saved for backward; inference mode is per thread, and the body runs on the worker
+    # or in the caller's thread. So the body sets the mode from the tensor itself:
+    # otherwise the first in-place add fails after messages have moved, which reads as
+    # a failed transport and stops ddl for good.
+    inference = flat.is_inference() or (isinstance(x, torch.Tensor) and x.is_inference())
 
     def run() -> None:
         if do_check:
             check_same_everywhere(
                 s, _header(_group.current_seq(), flat, shape, op, algorithm), what
             )
-        allreduce_flat(
-            flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl, s.down_for(group)
-        )
-        if finish is not None:
-            finish()
+        with torch.inference_mode(inference):
+            allreduce_flat(
+                flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl, s.down_for(group)
+            )
+            if finish is not None:
+                finish()
 
     return _group.submit(s, flat.device, run, x, what, inline=_inline)
 

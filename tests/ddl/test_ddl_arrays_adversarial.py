@@ -28,7 +28,8 @@ ALGS = ("native", "ring", "multiring", "hierarchical", "auto")
 
 def _reference(values: np.ndarray) -> np.ndarray:
     """What ``dist.all_reduce`` gives for ``values`` on every rank (sum, native order)."""
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("=")))
+    native = np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True)
+    t = torch.from_numpy(native)
     dist.all_reduce(t)
     return t.numpy()
 
@@ -119,6 +120,21 @@ def _arrays(algs):
             assert ddl.allreduce(v, algorithm=alg) is v
             row[f"neg view {n}"] = (v.tolist(), expected.tolist())
             row[f"neg view {n} base"] = (z.imag.tolist(), (-expected).tolist())
+        # Tensors made under inference_mode (an eval loss), reduced outside it, plain and
+        # transposed; and a normal tensor reduced inside it, blocking and async.
+        with torch.inference_mode():
+            made = [torch.full((2, 3), 2.0 * (r + 1)) for _ in range(2)]
+        for name, t in (("inference", made[0]), ("inference T", made[1].t())):
+            expected = _reference(t.numpy()) / ddl.world_size()
+            assert ddl.allreduce(t, op="mean", algorithm=alg) is t
+            row[name] = (t.tolist(), expected.tolist())
+        normal = [torch.full((4,), 2.0 * (r + 1)) for _ in range(2)]
+        expected = _reference(normal[0].numpy())
+        with torch.inference_mode():
+            ddl.allreduce(normal[0], algorithm=alg)
+            ddl.allreduce_async(normal[1], algorithm=alg).wait()
+        for k, t in enumerate(normal):
+            row[f"inside inference_mode {k}"] = (t.tolist(), expected.tolist())
         out[alg] = row
     return out
 
