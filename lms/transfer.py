@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import LMSError
 from .pool import HostBlock
 from .stats import Stats
 
@@ -59,8 +60,24 @@ def _label(name: str) -> Any:
 
 
 def device_module(device: torch.device) -> Any:
-    """``torch.cuda`` for a CUDA device, ``torch.cpu`` for the CPU, and so on."""
-    return getattr(torch, device.type)
+    """``torch.cuda`` for a CUDA device, ``torch.cpu`` for the CPU, and so on.
+
+    Raises:
+        LMSError: for a device type without such a module (``meta``) or one this
+            process cannot use (``cuda`` without a GPU or a CUDA build of torch).
+    """
+    mod = getattr(torch, device.type, None)
+    available = getattr(mod, "is_available", None)
+    # Checked here, where every runtime starts, so that a bad ``device=`` is our error
+    # at enable: otherwise torch.cuda's AssertionError ("Torch not compiled with CUDA
+    # enabled") or an AttributeError for torch.meta came out of LMS's setup.
+    if mod is None or (device.type != "cpu" and callable(available) and not available()):
+        raise LMSError(
+            f"LMS cannot compute on device {str(device)!r}: this process has no usable "
+            f"{device.type} device; pass device= a device that exists here (or leave it "
+            "out to use the parameters' device)"
+        )
+    return mod
 
 
 class Transfers:

@@ -237,3 +237,22 @@ def test_training_continues_after_the_host_cap_is_hit():
     assert handle.stats().swap_outs > 0
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "meta",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
+    ],
+)
+def test_a_device_this_process_cannot_use_is_our_error(device):
+    # device="meta" raised AttributeError (no torch.meta) and device="cuda" without a
+    # GPU torch.cuda's AssertionError, from inside LMS's setup.
+    model = make_model()
+    with pytest.raises(lms.LMSError, match=f"cannot compute on device '{device}'.*pass device="):
+        lms.enable(model, limit="1MiB", device=device)
+    assert_untouched(model)
+    assert_enables_again(model)
