@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -127,6 +128,39 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         pick_device(args.device, local_rank_from_env(), torch.cuda.device_count())
     except ValueError as e:
         p.error(str(e))
+    # Only rank 0 writes files (see main); on other nodes these paths may not even exist.
+    if int(os.environ.get("RANK", "0")) == 0:
+        for flag in ("--save", "--plot", "--json"):
+            path = getattr(args, flag[2:])
+            if path is not None:
+                problem = cannot_write(path)
+                if problem:
+                    p.error(f"{flag} {path}: {problem}")
+        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+            p.error("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)")
+
+
+def cannot_write(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None; leaves the file system as it found it.
+
+    The files are written after training, so a missing directory would otherwise cost the
+    whole run. Opening for append is the one test that also holds for root, read-only
+    mounts and /proc, where permission bits say nothing.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"directory {parent} does not exist; create it first"
+    if os.path.isdir(path):
+        return "is a directory; give a file name"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        return f"cannot be written ({e.strerror}); choose another path"
+    if not existed:
+        os.remove(path)
+    return None
 
 
 def local_rank_from_env() -> int:

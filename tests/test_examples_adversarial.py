@@ -105,3 +105,40 @@ def test_device_that_cannot_be_used_is_refused(requested, local_rank, cuda_count
 def test_device_flag_without_cuda_is_refused_before_training(device, capsys):
     err = _refused(["--device", device], capsys)
     assert "omit --device to train on the CPU" in err or "is not a device" in err
+
+
+@pytest.mark.parametrize("flag", ["--save", "--plot", "--json"])
+def test_output_in_a_missing_directory_is_refused_before_training(flag, tmp_path, capsys):
+    # These files are written after the last step: finding out then loses the run.
+    path = tmp_path / "missing" / "out"
+    err = _refused(["--steps", "1", flag, str(path)], capsys)
+    assert f"{flag} {path}: directory {path.parent} does not exist; create it first" in err
+
+
+@pytest.mark.parametrize("flag", ["--save", "--plot", "--json"])
+def test_output_that_cannot_be_written_is_refused_before_training(flag, tmp_path, capsys):
+    err = _refused(["--steps", "1", flag, str(tmp_path)], capsys)
+    assert f"{flag} {tmp_path}: is a directory" in err
+    # /proc refuses new files even to root, for whom permission bits say nothing.
+    err = _refused(["--steps", "1", flag, "/proc/lms-example-out"], capsys)
+    assert f"{flag} /proc/lms-example-out: cannot be written" in err
+
+
+def test_output_checks_leave_no_file_behind(tmp_path):
+    # The probe must not leave an empty file where --save points: --resume would meet it.
+    assert train_gpt.cannot_write(str(tmp_path / "c.pt")) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    # As if matplotlib were not installed: find_spec says so, and an import would fail.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
+    )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    err = _refused(["--steps", "1", "--plot", str(tmp_path / "p.png")], capsys)
+    assert "--plot needs matplotlib: pip install matplotlib" in err
