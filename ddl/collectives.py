@@ -168,6 +168,15 @@ def allreduce_async(
     """
     s = _group.current()
     what = f"ddl.allreduce(op={op!r}, algorithm={algorithm!r})"
+    if not dist.is_initialized():
+        # dist.destroy_process_group() also destroyed ddl's groups: a ring would fail on
+        # the worker (and stop ddl with a misleading "transport" error) and native would
+        # run on a destroyed group. Nothing can be exchanged any more, so just say so.
+        raise DDLError(
+            f"{what}: torch.distributed's process group was destroyed while ddl was "
+            "running; call ddl.shutdown() before dist.destroy_process_group(), and "
+            "ddl.init() again to reduce after that"
+        )
     do_check = s.check if check is None else bool(check)
     try:
         if op not in OPS:

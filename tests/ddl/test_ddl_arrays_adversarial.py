@@ -136,11 +136,19 @@ def _arrays(algs):
         for k, t in enumerate(normal):
             row[f"inside inference_mode {k}"] = (t.tolist(), expected.tolist())
         out[alg] = row
+    # Last, as it ends the job: the user destroys torch.distributed's group under ddl.
+    dist.destroy_process_group()
+    try:
+        ddl.allreduce(torch.ones(3), algorithm="ring")
+    except ddl.DDLError as e:
+        out["destroyed"] = str(e)
     return out
 
 
 def _check_arrays(results):
     for per_rank in results:
+        msg = per_rank.pop("destroyed", None)
+        assert msg and "process group was destroyed" in msg and "ddl.shutdown()" in msg, msg
         for alg, row in per_rank.items():
             for case, (got, expected, *rest) in row.items():
                 assert got == expected, (alg, case)
