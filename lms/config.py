@@ -151,12 +151,42 @@ def parse_size(
     return v
 
 
+# Where a container's memory limit is (cgroup v2, then v1). Inside a container the
+# OS reports the host's RAM, but the process is killed at the cgroup's limit.
+_CGROUP_MEMORY_LIMITS = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+
+
+def _cgroup_memory_limit() -> int:
+    """The memory limit of this process's cgroup in bytes (0 if none or unreadable)."""
+    for path in _CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit; v1 says so with a huge number
+            return int(text)
+    return 0
+
+
 def physical_memory() -> int:
-    """Bytes of physical RAM on this machine (0 if the OS does not say)."""
+    """Bytes of RAM this process may use (0 if the OS does not say).
+
+    The machine's physical RAM, or the container's memory limit (cgroup) where that
+    is lower: the defaults that are fractions of RAM (``host_limit``, a CPU
+    ``limit``) must stop LMS before the container's limit kills the process.
+    """
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
-        return 0
+        total = 0
+    limit = _cgroup_memory_limit()
+    if limit and (not total or limit < total):
+        return limit
+    return total
 
 
 def format_bytes(n: float | None) -> str:

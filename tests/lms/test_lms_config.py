@@ -193,3 +193,26 @@ def test_a_host_limit_above_the_ram_is_refused():
     with pytest.raises(LMSError, match="host_limit 1.00 GiB is larger than .*RAM"):
         LMSConfig(host_limit="1GiB").host_limit_bytes(host_total=10)
     assert LMSConfig(host_limit=1.0).host_limit_bytes(host_total=10) == 10
+
+
+def test_a_containers_memory_limit_bounds_the_ram_that_fractions_refer_to(tmp_path, monkeypatch):
+    # physical_memory read only sysconf, which reports the host's RAM inside a
+    # container: the default host_limit (half of it) could exceed the container's
+    # limit, so the process was killed before LMS's cap raised its error.
+    import lms.config as config
+
+    machine = config.physical_memory()
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(config, "_CGROUP_MEMORY_LIMITS", (str(v2), str(v1)))
+    assert config.physical_memory() == machine  # neither file: the machine's RAM
+    v2.write_text("max\n")
+    v1.write_text("9223372036854771712\n")  # v1's "no limit"
+    assert config.physical_memory() == machine
+    v2.write_text(f"{1024**3}\n")
+    assert config.physical_memory() == 1024**3
+    assert LMSConfig().host_limit_bytes() == 1024**3 // 2
+    with pytest.raises(LMSError, match="host_limit 2.00 GiB is larger"):
+        LMSConfig(host_limit="2GiB").host_limit_bytes()
+    v2.unlink()
+    v1.write_text(f"{3 * 1024**3}\n")
+    assert config.physical_memory() == min(machine, 3 * 1024**3)
