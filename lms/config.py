@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import ClassVar
 
 from .errors import LMSError
@@ -245,7 +244,8 @@ class LMSConfig:
     # so that a value refused only later, against the device, names the variable to
     # change rather than an argument the user may not have passed. Not a field: it is
     # where a value came from, not a setting.
-    _env_vars: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    # (field, variable) pairs: a tuple, so that the config still pickles and deep-copies.
+    _env_vars: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __post_init__(self) -> None:
         limit = DEFAULT_LIMIT_FRACTION if self.limit is None else self.limit
@@ -271,7 +271,7 @@ class LMSConfig:
             LMSError: if the limit is larger than the device, or a fraction of a device
                 that does not report its size (``device_total`` 0).
         """
-        var = self._env_vars.get("limit")
+        var = dict(self._env_vars).get("limit")
         if not device_total and isinstance(self.limit, float):
             # 0 means the device did not say; a fraction of it would be limit 0, which
             # silently means "swap every tensor".
@@ -386,5 +386,5 @@ def resolve_config(
     if "LMS_DISABLE" in env and _env_flag(env["LMS_DISABLE"]):
         cfg = replace(cfg, enabled=False)
     if from_env:  # after the last replace(), which would drop it
-        object.__setattr__(cfg, "_env_vars", MappingProxyType(from_env))
+        object.__setattr__(cfg, "_env_vars", tuple(from_env.items()))
     return cfg

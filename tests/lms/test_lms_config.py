@@ -216,3 +216,16 @@ def test_a_containers_memory_limit_bounds_the_ram_that_fractions_refer_to(tmp_pa
     v2.unlink()
     v1.write_text(f"{3 * 1024**3}\n")
     assert config.physical_memory() == min(machine, 3 * 1024**3)
+
+
+def test_a_config_from_the_environment_pickles_and_copies():
+    # Where a value came from was kept in a mappingproxy, which cannot be pickled:
+    # copy.deepcopy and pickle of handle.config failed whenever LMS_LIMIT was set.
+    import copy
+    import pickle
+
+    cfg = resolve_config(limit="1GiB", env={"LMS_LIMIT": "2GiB", "LMS_MIN_SIZE": "4KiB"})
+    for clone in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg), copy.copy(cfg)):
+        assert clone == cfg and clone.limit == 2 * 1024**3
+        with pytest.raises(LMSError, match="LMS_LIMIT"):
+            clone.limit_bytes(device_total=1024**3)
