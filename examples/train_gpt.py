@@ -237,13 +237,52 @@ def rank_batch(
     return x[rows].to(device), y[rows].to(device)
 
 
-def load_checkpoint(path: str, cfg: GPTConfig, world_size: int) -> dict:
-    """Read a checkpoint and refuse one that does not match this run's model or world size."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["model_config"] != asdict(cfg):
-        diff = {
-            k: (v, asdict(cfg)[k]) for k, v in ckpt["model_config"].items() if asdict(cfg)[k] != v
-        }
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "world_size")
+
+
+def checkpoint_optimizer(ckpt: dict) -> str | None:
+    """The --optimizer a checkpoint was trained with.
+
+    Checkpoints name it; older ones are told apart by their hyperparameters (AdamW's betas,
+    SGD's momentum), which torch stores with the state.
+    """
+    if "optimizer_name" in ckpt:
+        return ckpt["optimizer_name"]
+    groups = ckpt["optimizer"].get("param_groups") or [{}]
+    return "adamw" if "betas" in groups[0] else "sgd" if "momentum" in groups[0] else None
+
+
+def load_checkpoint(path: str, cfg: GPTConfig, world_size: int, optimizer: str) -> dict:
+    """Read a checkpoint and refuse one that does not match this run.
+
+    Raises:
+        SystemExit: the file is missing or is not a checkpoint of this script, or its model
+            shape, world size or optimizer differ from this run's flags; the message says
+            which flag to change.
+    """
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise SystemExit(f"error: --resume {path} {what}; give a file written by --save")
+    try:
+        # weights_only: a checkpoint holds only tensors and plain values, and unpickling
+        # anything else would run code from the file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not its format
+        raise SystemExit(
+            f"error: --resume {path} is not a checkpoint torch can read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "give a file written by this script's --save"
+        ) from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(
+            f"error: --resume {path} is not a checkpoint of this script (no {', '.join(missing)}); "
+            "give a file written by its --save"
+        )
+    now = asdict(cfg)
+    saved = ckpt["model_config"]
+    if saved != now:
+        diff = {k: (saved.get(k), now.get(k)) for k in {*saved, *now} if saved.get(k) != now.get(k)}
         raise SystemExit(
             f"error: checkpoint {path} holds a different model shape "
             f"(saved vs now: {diff}); pass the same model flags as the saved run"
@@ -253,6 +292,13 @@ def load_checkpoint(path: str, cfg: GPTConfig, world_size: int) -> dict:
             f"error: checkpoint {path} was saved by {ckpt['world_size']} ranks and this "
             f"run has {world_size}; resume with the same number of processes, because "
             "the global batch (ranks x --batch) would change"
+        )
+    saved_opt = checkpoint_optimizer(ckpt)
+    if saved_opt != optimizer:
+        # torch would fail deep in the first step (a missing 'momentum' or 'step' key).
+        raise SystemExit(
+            f"error: checkpoint {path} holds {saved_opt} state and this run uses --optimizer "
+            f"{optimizer}; pass --optimizer {saved_opt}"
         )
     return ckpt
 
@@ -300,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = model_config(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
-    ckpt = load_checkpoint(args.resume, cfg, world) if args.resume else None
+    ckpt = load_checkpoint(args.resume, cfg, world, args.optimizer) if args.resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
 
@@ -386,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "step": start_step + args.steps,
                 "model_config": asdict(cfg),
                 "world_size": world,
+                "optimizer_name": args.optimizer,
             },
             args.save,
         )

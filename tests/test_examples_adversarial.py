@@ -142,3 +142,74 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     err = _refused(["--steps", "1", "--plot", str(tmp_path / "p.png")], capsys)
     assert "--plot needs matplotlib: pip install matplotlib" in err
+
+
+@pytest.fixture(scope="module")
+def adamw_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "adamw.pt"
+    train_gpt.main([*MODEL, "--steps", "1", "--no-lms", "--save", str(path)])
+    return path
+
+
+def test_resume_from_a_missing_file_or_a_directory_is_refused(tmp_path, capsys):
+    err = _refused(["--steps", "1", "--resume", str(tmp_path / "none.pt")], capsys)
+    assert (
+        err
+        == f"error: --resume {tmp_path / 'none.pt'} does not exist; give a file written by --save"
+    )
+    err = _refused(["--steps", "1", "--resume", str(tmp_path)], capsys)
+    assert err.startswith(f"error: --resume {tmp_path} is a directory")
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    err = _refused(["--steps", "1", "--resume", str(text)], capsys)
+    assert err.startswith(f"error: --resume {text} is not a checkpoint torch can read")
+    # Files torch can read but that this script did not write.
+    for name, obj in (("dict.pt", {"a": 1}), ("tensor.pt", torch.zeros(3))):
+        torch.save(obj, tmp_path / name)
+        err = _refused(["--steps", "1", "--resume", str(tmp_path / name)], capsys)
+        assert "is not a checkpoint of this script (no model, optimizer" in err
+
+
+def test_resume_does_not_run_code_from_the_file(tmp_path, capsys):
+    # A pickle that would call a function when loaded: weights_only refuses it.
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Marker()}, path)
+    err = _refused(["--steps", "1", "--resume", str(path)], capsys)
+    assert "is not a checkpoint torch can read" in err
+    assert not _Marker.loaded
+
+
+class _Marker:
+    loaded = False
+
+    def __reduce__(self):
+        return (_Marker._load, ())
+
+    @staticmethod
+    def _load():
+        _Marker.loaded = True
+        return 0
+
+
+def test_resume_with_another_optimizer_is_refused(adamw_checkpoint, tmp_path, capsys):
+    err = _refused(
+        ["--steps", "1", "--optimizer", "sgd", "--resume", str(adamw_checkpoint)], capsys
+    )
+    assert "holds adamw state and this run uses --optimizer sgd; pass --optimizer adamw" in err
+    sgd = tmp_path / "sgd.pt"
+    train_gpt.main([*MODEL, "--steps", "1", "--no-lms", "--optimizer", "sgd", "--save", str(sgd)])
+    err = _refused(["--steps", "1", "--resume", str(sgd)], capsys)
+    assert "holds sgd state and this run uses --optimizer adamw; pass --optimizer sgd" in err
+
+
+def test_checkpoints_without_the_optimizer_name_are_still_told_apart(adamw_checkpoint, tmp_path):
+    # Checkpoints written before the name was saved: the hyperparameters tell.
+    ckpt = torch.load(adamw_checkpoint, weights_only=True)
+    ckpt.pop("optimizer_name", None)
+    assert train_gpt.checkpoint_optimizer(ckpt) == "adamw"
+    ckpt["optimizer"]["param_groups"][0].pop("betas")
+    ckpt["optimizer"]["param_groups"][0]["momentum"] = 0.9
+    assert train_gpt.checkpoint_optimizer(ckpt) == "sgd"

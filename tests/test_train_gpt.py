@@ -84,6 +84,9 @@ def test_two_ranks_with_lms_match_one_process_without(tmp_path):
     for name in ref:
         torch.testing.assert_close(dist[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
     assert len(solo["losses"]) == 4
+    # Resuming the two ranks' checkpoint in one process would change the global batch.
+    with pytest.raises(SystemExit, match="saved by 2 ranks and this run has 1"):
+        train_gpt.main([*MODEL, *steps, *lms_flags, "--batch", "2", "--resume", str(dist_ckpt)])
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
@@ -129,4 +132,4 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     train_gpt.main([*MODEL, "--steps", "1", "--no-lms", "--batch", "1", "--save", str(ckpt)])
     cfg = train_gpt.GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=128, seq_len=32)
     with pytest.raises(SystemExit, match="saved by 1 ranks and this run has 2"):
-        train_gpt.load_checkpoint(str(ckpt), cfg, world_size=2)
+        train_gpt.load_checkpoint(str(ckpt), cfg, world_size=2, optimizer="adamw")
