@@ -379,6 +379,10 @@ def main(argv: list[str] | None = None) -> dict:
     start_step = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        # load_state_dict restores the saved learning rate too, which would silently ignore
+        # an --lr changed for the resumed run; the flag wins (with the same --lr, no change).
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
         start_step = ckpt["step"]
 
     autocast = (

@@ -213,3 +213,16 @@ def test_checkpoints_without_the_optimizer_name_are_still_told_apart(adamw_check
     ckpt["optimizer"]["param_groups"][0].pop("betas")
     ckpt["optimizer"]["param_groups"][0]["momentum"] = 0.9
     assert train_gpt.checkpoint_optimizer(ckpt) == "sgd"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resume_uses_the_lr_flag_not_the_saved_one(optimizer, tmp_path):
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    flags = [*MODEL, "--no-lms", "--optimizer", optimizer, "--steps", "1"]
+    train_gpt.main([*flags, "--save", str(first)])
+    # With --lr 0 the resumed step must leave every parameter as it was (no weight decay).
+    train_gpt.main([*flags, "--lr", "0", "--resume", str(first), "--save", str(second)])
+    before = torch.load(first, weights_only=True)["model"]
+    after = torch.load(second, weights_only=True)["model"]
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
