@@ -222,7 +222,8 @@ class LMSConfig:
             (only when they do not fit under the limit), ``True`` or ``False``.
         host_limit: cap on the pinned host memory LMS may hold; exceeding it raises
             ``LMSError`` rather than letting the machine run out of memory. ``None``
-            means ``DEFAULT_HOST_FRACTION`` (0.5) of physical RAM.
+            means ``DEFAULT_HOST_FRACTION`` (0.5) of physical RAM, or of the container's
+            memory limit where that is lower.
         lookahead: swapped tensors prefetched ahead of their use in backward even
             when the limit leaves no room (so that copies still overlap compute at
             ``limit=0``); beyond this the lookahead is bounded by the limit.
@@ -290,7 +291,7 @@ class LMSConfig:
         return limit
 
     def host_limit_bytes(self, host_total: int | None = None) -> int:
-        """The pinned-host cap in bytes (``host_total`` defaults to physical RAM).
+        """The pinned-host cap in bytes (``host_total`` defaults to ``physical_memory()``).
 
         Raises:
             LMSError: if the cap is larger than the RAM, or a fraction and the RAM is
