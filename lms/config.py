@@ -125,6 +125,9 @@ def parse_size(
         value: an int (bytes), a string with units (``"20GiB"``, ``"512MB"``,
             ``"1.5 GB"``, ``"90%"``; KB/MB/GB are powers of 1000 and KiB/MiB/GiB
             powers of 1024), or a float in [0, 1] meaning that fraction of ``total``.
+            A string without a unit means what the number means: ``"4096"`` and
+            ``"1e3"`` are bytes, ``"0.8"`` and ``"1e-3"`` fractions. A size must come to
+            whole bytes: ``"1.5B"`` and ``"0.5B"`` are refused, not truncated.
         total: the bytes a fraction refers to (the device's or the host's memory).
         name: the setting's name, used in error messages.
         allow_fraction: whether a fraction is meaningful for this setting.
