@@ -407,7 +407,12 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        step_loss = loss.detach().float().clone()
+        if distributed:
+            # Each rank's loss covers only its --batch rows; their mean (equal row counts) is
+            # the loss of the global batch, which one process training it all would report.
+            ddl.allreduce(step_loss, op="mean", algorithm="native")
+        losses.append(step_loss.item())
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
