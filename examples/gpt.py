@@ -116,6 +116,12 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         b, t = idx.shape
+        if t > self.cfg.seq_len:
+            # Without this check the position embedding fails with an index error inside torch.
+            raise ValueError(
+                f"a sequence of {t} tokens is longer than the model's context of "
+                f"{self.cfg.seq_len} (GPTConfig.seq_len); shorten it or build a larger model"
+            )
         pos = torch.arange(t, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for block in self.blocks:

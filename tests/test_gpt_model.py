@@ -30,3 +30,13 @@ def test_loss_is_reproducible():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="multiple of n_head"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+def test_sequence_longer_than_the_context_is_refused():
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=64, seq_len=16)
+    model = GPT(cfg)
+    assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 64)  # the full context
+    with pytest.raises(
+        ValueError, match="sequence of 17 tokens is longer than the model's context of 16"
+    ):
+        model(torch.zeros(2, 17, dtype=torch.long))
