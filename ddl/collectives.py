@@ -15,7 +15,7 @@ import torch.distributed as dist
 from . import group as _group
 from .algorithms import OPS, allreduce_flat, resolve_algorithm
 from .errors import DDLError
-from .interop import SUPPORTED_DTYPES, as_flat_tensor
+from .interop import SUPPORTED_DTYPES, FlatArray, flat_array
 from .topology import CHOICES
 
 __all__ = ["allreduce", "allreduce_async", "broadcast_", "check_same_everywhere"]
@@ -29,16 +29,14 @@ _HEADER_LEN = 16
 KIND_ALLREDUCE, KIND_WRAP, KIND_BUCKET, KIND_REJECTED = 1, 2, 3, 4
 
 
-def _header(
-    seq: int, t: torch.Tensor, shape: tuple[int, ...], op: str, algorithm: str
-) -> list[int]:
+def _header(seq: int, a: FlatArray, shape: tuple[int, ...], op: str, algorithm: str) -> list[int]:
     dims = list(shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - min(len(shape), _MAX_DIMS))
-    dev = _DEVICE_TYPES.index(t.device.type) if t.device.type in _DEVICE_TYPES else 99
+    dev = _DEVICE_TYPES.index(a.device.type) if a.device.type in _DEVICE_TYPES else 99
     return [
         KIND_ALLREDUCE,
         seq,
-        t.numel(),
-        SUPPORTED_DTYPES.index(t.dtype),
+        a.numel,
+        SUPPORTED_DTYPES.index(a.dtype),
         OPS.index(op) if op in OPS else 99,
         CHOICES.index(algorithm) if algorithm in CHOICES else 99,
         dev,
@@ -137,8 +135,10 @@ def allreduce_async(
 
     Args:
         x: a torch tensor (any device ddl's backend reaches), a NumPy array, or a CuPy
-            array; viewed through DLPack without a copy where possible. Keep it alive and
-            untouched until the handle is waited on.
+            array; viewed through DLPack without a copy where possible. Its values are
+            read when the collective's turn comes (after those submitted before it, so
+            two queued on one tensor compose), and the result is written when it ends:
+            keep it alive and leave it alone until the handle is waited on.
         op: ``"sum"`` or ``"mean"`` (``mean`` = sum / world size; floating dtypes only).
         algorithm: ``"native"``, ``"ring"``, ``"multiring"``, ``"hierarchical"`` or
             ``"auto"`` (asks ``ddl.costmodel.choose_algorithm``).
@@ -181,20 +181,18 @@ def allreduce_async(
     try:
         if op not in OPS:
             raise DDLError(f"{what}: unknown op {op!r}; use one of {', '.join(OPS)}")
-        flat, finish = as_flat_tensor(x, "ddl.allreduce")
-        if op == "mean" and not flat.is_floating_point():
+        a = flat_array(x, "ddl.allreduce")
+        if op == "mean" and not a.dtype.is_floating_point:
+            raise DDLError(f"{what}: op='mean' needs a floating dtype, got {a.dtype}; use op='sum'")
+        shape = tuple(x.shape) if hasattr(x, "shape") else (a.numel,)
+        group = s.group_for(a.device)
+        if group is s.world and a.device.type != s.device.type:
             raise DDLError(
-                f"{what}: op='mean' needs a floating dtype, got {flat.dtype}; use op='sum'"
-            )
-        shape = tuple(x.shape) if hasattr(x, "shape") else (flat.numel(),)
-        group = s.group_for(flat.device)
-        if group is s.world and flat.device.type != s.device.type:
-            raise DDLError(
-                f"{what}: tensor is on {flat.device}, but the {s.backend} job reduces "
+                f"{what}: tensor is on {a.device}, but the {s.backend} job reduces "
                 f"{s.device.type} tensors; move it to {s.device} (or to the CPU, which uses "
                 "Gloo)"
             )
-        concrete = resolve_algorithm(algorithm, flat.numel() * flat.element_size(), s.topology)
+        concrete = resolve_algorithm(algorithm, a.numel * a.dtype.itemsize, s.topology)
     except DDLError:
         if do_check:
             _take_turn_rejected(s, what)
@@ -206,21 +204,19 @@ def allreduce_async(
     # or in the caller's thread. So the body sets the mode from the tensor itself:
     # otherwise the first in-place add fails after messages have moved, which reads as
     # a failed transport and stops ddl for good.
-    inference = flat.is_inference() or (isinstance(x, torch.Tensor) and x.is_inference())
 
     def run() -> None:
         if do_check:
-            check_same_everywhere(
-                s, _header(_group.current_seq(), flat, shape, op, algorithm), what
-            )
-        with torch.inference_mode(inference):
+            check_same_everywhere(s, _header(_group.current_seq(), a, shape, op, algorithm), what)
+        with torch.inference_mode(a.inference):
+            flat = a.load()  # now, not at submit: see ddl.interop.flat_array
             allreduce_flat(
                 flat, op, concrete, s.rank, s.topology, group, s.timeout, nccl, s.down_for(group)
             )
-            if finish is not None:
-                finish()
+            if a.store is not None:
+                a.store(flat)
 
-    return _group.submit(s, flat.device, run, x, what, inline=_inline)
+    return _group.submit(s, a.device, run, x, what, inline=_inline)
 
 
 def _take_turn_rejected(s: Any, what: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from .errors import DDLError
 
-__all__ = ["SUPPORTED_DTYPES", "as_flat_tensor"]
+__all__ = ["SUPPORTED_DTYPES", "FlatArray", "as_flat_tensor", "flat_array"]
 
 # Dtypes every algorithm reduces (sum); "mean" additionally needs a floating dtype.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
@@ -35,7 +36,8 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
 )
 
 
-def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:
+def _to_torch(x: Any, what: str) -> torch.Tensor | None:
+    """A torch view of ``x``'s memory, or None for a NumPy array torch cannot view."""
     if isinstance(x, torch.Tensor):
         if x.is_nested or x.layout != torch.strided:
             # No strides to view as one run (stride() raises or misleads), and a sparse
@@ -45,7 +47,7 @@ def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | Non
                 f"{what}: {kind} tensors are not supported; reduce a dense tensor "
                 "(x.to_dense(), or the nested tensor's components one by one)"
             )
-        return x.detach(), None  # same storage; in-place writes bypass autograd on purpose
+        return x.detach()  # same storage; in-place writes bypass autograd on purpose
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:
             raise DDLError(
@@ -53,14 +55,12 @@ def _to_torch(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | Non
             )
         if any(s < 0 for s in x.strides) or not x.dtype.isnative:
             # torch can view neither negative strides nor another byte order than the
-            # machine's ('>f4' on x86): reduce a native copy and write it back after
-            # (np.copyto swaps the bytes back).
-            copy = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-            return _from_numpy(copy, what), lambda: np.copyto(x, copy)
-        return _from_numpy(x, what), None
+            # machine's ('>f4' on x86): the caller reduces a native copy (flat_array).
+            return None
+        return _from_numpy(x, what)
     if hasattr(x, "__dlpack__"):
         try:
-            return torch.from_dlpack(_Exporter(x, what)), None
+            return torch.from_dlpack(_Exporter(x, what))
         except DDLError:
             raise
         except Exception as e:
@@ -133,8 +133,110 @@ def _from_numpy(a: np.ndarray, what: str) -> torch.Tensor:
         raise DDLError(f"{what}: NumPy dtype {a.dtype} has no torch equivalent ({e})") from e
 
 
+@dataclass(frozen=True)
+class FlatArray:
+    """An array as one flat, contiguous tensor, made when the collective runs.
+
+    Attributes:
+        dtype: the flat tensor's torch dtype.
+        device: where it lives.
+        numel: its number of elements.
+        inference: whether the caller's tensor was made under ``torch.inference_mode``
+            (it may then be written only inside that mode).
+        load: returns the flat tensor: a view of the caller's memory, or a copy of its
+            values at that moment.
+        store: for a copy, writes a loaded flat tensor's values back into the caller's
+            array; None when ``load`` returns a view.
+    """
+
+    dtype: torch.dtype
+    device: torch.device
+    numel: int
+    inference: bool
+    load: Callable[[], torch.Tensor]
+    store: Callable[[torch.Tensor], None] | None
+
+
+def flat_array(x: Any, what: str) -> FlatArray:
+    """Check ``x`` now and say how to view it as one flat tensor later.
+
+    The copy that a strided, negated or byte-swapped array needs is made by ``load``,
+    when the collective's turn comes, not here: a collective queued behind another one
+    on the same memory then reduces the values that one left, as it does for a
+    contiguous tensor, which is read in place when its turn comes.
+
+    Args:
+        x: a torch tensor, NumPy array or DLPack-capable array (CuPy).
+        what: the caller's name for error messages, e.g. ``"ddl.allreduce"``.
+
+    Returns:
+        A :class:`FlatArray`.
+
+    Raises:
+        DDLError: unsupported type, layout or dtype, a read-only array, or elements that
+            share memory.
+
+    Example:
+        >>> import numpy as np
+        >>> from ddl.interop import flat_array
+        >>> a = np.arange(4.0)[::-1]  # torch cannot view negative strides: a copy
+        >>> plan = flat_array(a, "demo")
+        >>> flat = plan.load()
+        >>> _ = flat.mul_(2)
+        >>> plan.store(flat)
+        >>> a.tolist()
+        [6.0, 4.0, 2.0, 0.0]
+    """
+    t = _to_torch(x, what)
+    if t is None:  # a NumPy array torch cannot view: reduce a native, contiguous copy
+        native = x.dtype.newbyteorder("=")
+        dtype = _from_numpy(np.empty(0, dtype=native), what).dtype
+        overlaps = any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)) and x.size > 1
+
+        def load_copy() -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=native)).view(-1)
+
+        def store_copy(flat: torch.Tensor) -> None:
+            np.copyto(x, flat.numpy().reshape(x.shape))  # swaps the bytes back if needed
+
+        load, store = load_copy, store_copy
+        device, numel, inference = torch.device("cpu"), int(x.size), False
+    else:
+        dtype, device, numel, inference = t.dtype, t.device, t.numel(), t.is_inference()
+        overlaps = _overlaps(t)
+        if t.is_contiguous() and not t.is_neg():
+            load, store = (lambda: t.view(-1)), None
+        else:
+            # A negated view (z.conj().imag holds -imag lazily, with the neg bit) is copied
+            # too, even when contiguous: the backend and the rings read its raw memory,
+            # which holds +imag, and a native all_reduce works on a resolved copy it never
+            # writes back. resolve_neg() and contiguous() never return t itself here.
+            def load_copy() -> torch.Tensor:
+                return t.resolve_neg().contiguous().view(-1)
+
+            def store_copy(flat: torch.Tensor) -> None:
+                t.copy_(flat.view_as(t))
+
+            load, store = load_copy, store_copy
+    if overlaps:
+        # Checked here, before any message moves: writing the result back into such a
+        # tensor fails on the worker, after the collective, where any error reads as a
+        # failed transport and stops ddl for good (ddl/group.py NOTE rule 4).
+        raise DDLError(
+            f"{what}: the {type(x).__name__} has elements that share memory (e.g. made by "
+            "expand() or broadcast_to), so no in-place result exists; pass a copy "
+            "(x.clone() / x.copy())"
+        )
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise DDLError(f"{what}: dtype {dtype} is not supported; use one of {names}")
+    return FlatArray(dtype, device, numel, inference, load, store)
+
+
 def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:
     """A contiguous 1-D tensor over ``x``'s data, and how to write results back (or None).
+
+    The eager form of :func:`flat_array`: any copy is made now.
 
     Args:
         x: a torch tensor, NumPy array or DLPack-capable array (CuPy).
@@ -145,7 +247,7 @@ def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] 
         a copy and ``finish()`` must run after the reduction to copy the result into ``x``.
 
     Raises:
-        DDLError: unsupported type or dtype, or a read-only array.
+        DDLError: as :func:`flat_array`.
 
     Example:
         >>> import numpy as np
@@ -156,25 +258,7 @@ def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] 
         >>> finish is None, a[1].tolist()
         (True, [6.0, 8.0, 10.0])
     """
-    t, finish = _to_torch(x, what)
-    if _overlaps(t):
-        # Checked here, before any message moves: writing the result back into such a
-        # tensor fails on the worker, after the collective, where any error reads as a
-        # failed transport and stops ddl for good (ddl/group.py NOTE rule 4).
-        raise DDLError(
-            f"{what}: the {type(x).__name__} has elements that share memory (e.g. made by "
-            "expand() or broadcast_to), so no in-place result exists; pass a copy "
-            "(x.clone() / x.copy())"
-        )
-    if t.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-        raise DDLError(f"{what}: dtype {t.dtype} is not supported; use one of {names}")
-    if finish is not None:
-        return t.view(-1), finish
-    if t.is_contiguous() and not t.is_neg():
-        return t.view(-1), None
-    # A negated view (z.conj().imag holds -imag lazily, with the neg bit) must be copied
-    # too, even when contiguous: the backend and the rings read its raw memory, which
-    # holds +imag, and a native all_reduce works on a resolved copy it never writes back.
-    flat = t.resolve_neg().contiguous().view(-1)
-    return flat, lambda: t.copy_(flat.view_as(t))
+    plan = flat_array(x, what)
+    flat = plan.load()
+    store = plan.store
+    return flat, None if store is None else (lambda: store(flat))

@@ -209,6 +209,21 @@ def _arrays(algs):
             ddl.allreduce_async(normal[1], algorithm=alg).wait()
         for k, t in enumerate(normal):
             row[f"inside inference_mode {k}"] = (t.tolist(), expected.tolist())
+        # Two async reductions queued on one array compose, whatever its layout: the second
+        # reduces what the first left (p * sum), as it always did for contiguous tensors.
+        for name, make in (
+            ("contiguous", lambda: torch.full((3, 4), float(r + 1))),
+            ("transposed", lambda: torch.full((4, 3), float(r + 1)).t()),
+            ("numpy reversed", lambda: np.full(5, float(r + 1))[::-1]),
+            ("numpy big-endian", lambda: np.full(5, r + 1, dtype=">i4")),
+        ):
+            x = make()
+            first = ddl.allreduce_async(x, algorithm=alg)
+            second = ddl.allreduce_async(x, algorithm=alg)
+            second.wait()
+            first.wait()
+            total = ddl.world_size() * sum(range(1, ddl.world_size() + 1))
+            row[f"queued twice {name}"] = (x.tolist(), np.full(x.shape, total).tolist())
         out[alg] = row
     # Last, as it ends the job: the user destroys torch.distributed's group under ddl.
     dist.destroy_process_group()
