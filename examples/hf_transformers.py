@@ -12,9 +12,11 @@ and checks that the losses agree bit for bit before printing LMS's memory report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -35,7 +37,7 @@ def train(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -> lis
     return losses
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--limit", default="4MiB")
     p.add_argument("--min-size", default="64KiB")
@@ -44,17 +46,43 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    return args
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels for the comparison, and the caller's setting back afterwards.
+
+    ``main`` is also called from tests: left on, the global switch would make every later
+    test in the process fill every torch.empty with NaN and refuse nondeterministic kernels.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # Embedding backward uses atomics on CUDA; cuBLAS needs this to be deterministic.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         print("transformers is not installed; `pip install transformers` to run this example")
         return None
 
-    # Bitwise comparison needs deterministic kernels (embedding backward uses atomics on CUDA).
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    with deterministic():
+        return compare(args, GPT2Config, GPT2LMHeadModel)
+
+
+def compare(args: argparse.Namespace, config_cls: type, model_cls: type) -> dict:
+    """Train a GPT-2 without and with LMS from the same weights; exit if the losses differ."""
     torch.manual_seed(0)
-    cfg = GPT2Config(
+    cfg = config_cls(
         n_layer=4,
         n_embd=128,
         n_head=4,
@@ -64,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    reference = GPT2LMHeadModel(cfg).to(args.device)
+    reference = model_cls(cfg).to(args.device)
     paged = copy.deepcopy(reference)
     gen = torch.Generator().manual_seed(1)
     batches = [
