@@ -11,6 +11,10 @@ and prints beside each LMS row the floor of issue 3:
     floor = max(forward, bytes out / D2H bandwidth) + max(backward, bytes in / H2D bandwidth)
             + optimizer
 
+``recast GB`` is the bytes of autocast's saved weight casts that LMS dropped and
+cast again in backward instead of copying (NOTE [Activation swapping] Rule 10 in
+lms/activations.py); they are not in ``out GB``/``in GB`` and cost no link time.
+
 The limits are placed between the memory the step cannot avoid (weights, gradients,
 optimizer state, measured after a no-offload step) and the no-offload peak, plus
 ``limit=0`` (swap every eligible tensor).
@@ -348,6 +352,7 @@ def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarde
         fl = floor_s(base, out_b, in_b, bw)
         return dict(
             r, out_bytes_per_step=out_b, in_bytes_per_step=in_b,
+            recast_bytes_per_step=s.recast_bytes / steps,
             stall_s_per_step=s.stall_s / steps, pinned_allocs_steady=s.pinned_allocs,
             host_bytes=s.host_bytes, peak_resident_bytes=s.peak_resident_bytes,
             largest_swappable=largest, floor_s=fl, vs_floor=r["step_s"] / fl,
@@ -398,7 +403,7 @@ def report(rows, device, bw, base, unavoidable):
           f"{base['bwd_s'] * 1e3:.1f} ms, optimizer {base['opt_s'] * 1e3:.1f} ms; weights+grads+"
           f"optimizer state {fmt_bytes(unavoidable)} GiB")  # fmt: skip
     head = (f"{'strategy':<12} {'limit MiB':>9} {'min_size':>9} {'step s':>8} {'peak GiB':>8} "
-            f"{'out GB':>7} {'in GB':>7} {'stall ms':>8} {'floor s':>8}  targets")  # fmt: skip
+            f"{'out GB':>7} {'in GB':>7} {'recast GB':>9} {'stall ms':>8} {'floor s':>8}  targets")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -417,6 +422,7 @@ def report(rows, device, bw, base, unavoidable):
             f"{r['step_s']:8.3f} {fmt_bytes(r['peak_device_bytes']):>8} "
             f"{(r['out_bytes_per_step'] / 1e9 if lms_row else 0):7.2f} "
             f"{(r['in_bytes_per_step'] / 1e9 if lms_row else 0):7.2f} "
+            f"{(r['recast_bytes_per_step'] / 1e9 if lms_row else 0):9.2f} "
             f"{(r['stall_s_per_step'] * 1e3 if lms_row else 0):8.1f} "
             f"{(r['floor_s'] if lms_row else math.nan):8.3f}  {verdicts(r, rows)}"
         )
