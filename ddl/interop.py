@@ -229,7 +229,13 @@ def flat_array(x: Any, what: str) -> FlatArray:
         )
     if dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-        raise DDLError(f"{what}: dtype {dtype} is not supported; use one of {names}")
+        hint = ""
+        if dtype.is_complex:  # a sum or mean acts on real and imaginary parts alike
+            hint = " (for complex data, reduce torch.view_as_real(x) or, in NumPy, "
+            hint += "x.view(x.real.dtype): same memory, same result)"
+        elif dtype == torch.bool:
+            hint = " (for flags, reduce x.to(torch.int32): the sum counts the ranks with True)"
+        raise DDLError(f"{what}: dtype {dtype} is not supported; use one of {names}{hint}")
     return FlatArray(dtype, device, numel, inference, load, store)
 
 

@@ -96,6 +96,17 @@ def test_read_only_dlpack_exports_are_refused():
     assert finish is None and writable.tolist() == [1.0] * 3  # still a view, no copy
 
 
+def test_complex_and_bool_refusals_say_what_works_instead():
+    for x in (torch.ones(2, dtype=torch.complex64), np.ones(2, dtype=np.complex128)):
+        with pytest.raises(ddl.DDLError, match=r"not supported.*view_as_real\(x\).*x\.view"):
+            as_flat_tensor(x, "demo")
+        # The advice works: the same memory, a supported dtype.
+        real = torch.view_as_real(x) if isinstance(x, torch.Tensor) else x.view(x.real.dtype)
+        assert as_flat_tensor(real, "demo")[1] is None
+    with pytest.raises(ddl.DDLError, match=r"not supported.*x\.to\(torch\.int32\)"):
+        as_flat_tensor(torch.ones(2, dtype=torch.bool), "demo")
+
+
 # --------------------------------------------------------------------------- on ranks
 
 
