@@ -46,6 +46,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    # Zero steps would "agree" on two empty loss lists; zero-sized batches fail inside
+    # transformers' reshapes. Refuse them, and sizes LMS cannot parse, before building.
+    for flag in ("steps", "batch", "seq_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, field in (("--limit", "limit"), ("--min-size", "min_size")):
+        try:
+            lms.LMSConfig(**{field: getattr(args, field)})
+        except lms.LMSError as e:
+            p.error(f"{flag}: {e}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch sees no CUDA device; pass --device cpu")
     return args
 
 
@@ -101,7 +117,11 @@ def compare(args: argparse.Namespace, config_cls: type, model_cls: type) -> dict
     ]
 
     expected = train(reference, batches, lr=1e-3)
-    with lms.enable(paged, limit=args.limit, min_size=args.min_size) as handle:
+    try:
+        handle = lms.enable(paged, limit=args.limit, min_size=args.min_size)
+    except lms.LMSError as e:  # a limit the device cannot give
+        raise SystemExit(f"error: {e}") from e
+    with handle:
         got = train(paged, batches, lr=1e-3)
         stats = handle.stats()
     print(f"losses without LMS: {[round(x, 5) for x in expected]}")

@@ -29,3 +29,38 @@ def test_without_transformers_it_says_so_and_returns(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
     assert hf_transformers.main(["--steps", "1"]) is None
     assert "transformers is not installed; `pip install transformers`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # Zero steps compared two empty loss lists and reported "identical losses".
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+        (["--limit", "abc"], "--limit: limit='abc' cannot be parsed"),
+        (["--min-size", "-1"], "--min-size: min_size='-1' cannot be parsed"),
+        (["--device", "foo"], "--device 'foo' is not a device"),
+    ],
+)
+def test_bad_flag_values_are_refused_before_training(argv, message, capsys):
+    # Validation comes before the transformers import, so this holds without it too.
+    with pytest.raises(SystemExit) as exc:
+        hf_transformers.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_cuda_without_cuda_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        hf_transformers.main(["--device", "cuda"])
+    assert "this torch sees no CUDA device; pass --device cpu" in capsys.readouterr().err
+
+
+def test_a_limit_larger_than_the_device_is_refused(capsys):
+    pytest.importorskip("transformers")
+    with pytest.raises(SystemExit, match="^error: limit .* is larger than the device"):
+        hf_transformers.main(
+            ["--steps", "1", "--batch", "1", "--seq-len", "16", "--limit", "1000TiB"]
+        )
