@@ -320,14 +320,19 @@ def memory_report(handle: lms.LMSHandle | None, device: torch.device) -> dict:
     return {"peak_device_bytes": peak}
 
 
-def format_report(handle: lms.LMSHandle | None, device: torch.device, report: dict) -> str:
+def format_report(
+    handle: lms.LMSHandle | None, device: torch.device, report: dict, rank: int = 0, world: int = 1
+) -> str:
+    # Under torchrun each rank has its own device and its own LMS counters; only rank 0
+    # prints, so say whose numbers these are rather than let them pass for totals.
+    where = f"{device}, rank {rank} of {world}" if world > 1 else f"{device}"
     if handle is None:
         peak = report["peak_device_bytes"]
         if peak is None:  # the CPU has no allocator peak to show
-            return f"memory report ({device}, LMS off): peak device n/a (no allocator on the CPU)"
+            return f"memory report ({where}, LMS off): peak device n/a (no allocator on the CPU)"
         peak_line = f"peak device      {peak / 2**30:.3f} GiB (allocator)"
-        return f"memory report ({device}, LMS off)\n{peak_line}"
-    return f"memory report ({device})\n" + handle.stats().summary()
+        return f"memory report ({where}, LMS off)\n{peak_line}"
+    return f"memory report ({where})\n" + handle.stats().summary()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -465,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     if report.get("peak_device_bytes") and report.get("limit_bytes"):
         result["summary"]["peak_over_limit"] = report["peak_device_bytes"] / report["limit_bytes"]
     if main_rank:
-        print(format_report(handle, device, report))
+        print(format_report(handle, device, report, rank, world))
         if timeline is not None:
             timeline.plot(args.plot)
             print(f"wrote {args.plot}")
