@@ -403,7 +403,8 @@ def report(rows, device, bw, base, unavoidable):
           f"{base['bwd_s'] * 1e3:.1f} ms, optimizer {base['opt_s'] * 1e3:.1f} ms; weights+grads+"
           f"optimizer state {fmt_bytes(unavoidable)} GiB")  # fmt: skip
     head = (f"{'strategy':<12} {'limit MiB':>9} {'min_size':>9} {'step s':>8} {'peak GiB':>8} "
-            f"{'out GB':>7} {'in GB':>7} {'recast GB':>9} {'stall ms':>8} {'floor s':>8}  targets")  # fmt: skip
+            f"{'out GB':>7} {'in GB':>7} {'recast GB':>9} {'stall ms':>8} {'floor s':>8}"
+            "  targets")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in rows:
