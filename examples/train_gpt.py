@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         except lms.LMSError as e:  # a limit the device cannot give, or too small to run
             raise SystemExit(f"error: {e}") from e
+        if not handle.enabled:
+            # LMS_DISABLE=1 gives an inert handle whose zeroed counters would print as
+            # 'limit 0 B', the setting that moves everything; report the run as LMS off.
+            handle = None
     grad_sync = None
     if distributed:
         # Reduce paged gradients on the device before LMS moves them to host memory.

@@ -226,3 +226,13 @@ def test_resume_uses_the_lr_flag_not_the_saved_one(optimizer, tmp_path):
     after = torch.load(second, weights_only=True)["model"]
     for name, value in before.items():
         assert torch.equal(after[name], value), name
+
+
+def test_lms_disable_is_reported_as_lms_off(monkeypatch, capsys):
+    # An inert handle's zeros printed "limit 0 B", which means "move everything".
+    monkeypatch.setenv("LMS_DISABLE", "1")
+    result = train_gpt.main([*MODEL, "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "memory report (cpu, LMS off)" in out
+    assert "limit " not in out
+    assert result["report"] == {"peak_device_bytes": None}
