@@ -303,6 +303,26 @@ def load_checkpoint(path: str, cfg: GPTConfig, world_size: int, optimizer: str) 
     return ckpt
 
 
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write ``state`` to ``path`` whole or not at all.
+
+    ``--resume c.pt --save c.pt`` is the natural way to continue a run, so writing in place
+    would leave a truncated file, and no checkpoint, if the write is interrupted (Ctrl-C, a
+    full disk). Write a temporary file in the same directory, then rename it over ``path``.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SystemExit(
+            f"error: --save {path}: {e.strerror or e}; any earlier file there is unchanged"
+        ) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def progress(steps: int, enabled: bool):
     if enabled:
         with contextlib.suppress(ImportError):
@@ -443,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.close()
 
     if args.save and main_rank:
-        torch.save(
+        save_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

@@ -236,3 +236,32 @@ def test_lms_disable_is_reported_as_lms_off(monkeypatch, capsys):
     assert "memory report (cpu, LMS off)" in out
     assert "limit " not in out
     assert result["report"] == {"peak_device_bytes": None}
+
+
+def test_a_failed_save_keeps_the_checkpoint_it_resumed_from(
+    adamw_checkpoint, tmp_path, monkeypatch
+):
+    import errno
+    import shutil
+
+    ckpt = tmp_path / "c.pt"
+    shutil.copy(adamw_checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    real_save = torch.save
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # what a full disk leaves: the start of the file
+            fh.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    # Continuing a run in place: resume from and save to the same file.
+    with pytest.raises(
+        SystemExit, match="No space left on device; any earlier file there is unchanged"
+    ):
+        train_gpt.main(
+            [*MODEL, "--no-lms", "--steps", "1", "--resume", str(ckpt), "--save", str(ckpt)]
+        )
+    assert ckpt.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
