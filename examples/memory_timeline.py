@@ -31,6 +31,13 @@ class MemoryTimeline:
     """Records ``Sample``s while ``recording()`` is active; ``plot(path)`` draws them."""
 
     def __init__(self, model: nn.Module, device: torch.device, lms_handle: object | None) -> None:
+        if device.type != "cuda" and lms_handle is None:
+            # The CPU has no allocator to ask; without LMS's accounting every sample would
+            # read 0 bytes and the plot would show an empty step.
+            raise ValueError(
+                f"nothing to sample on {device} without LMS: device bytes come from LMS's "
+                "accounting there (or from the CUDA allocator on a GPU)"
+            )
         self.device = device
         self.lms_handle = lms_handle
         self.samples: list[Sample] = []
@@ -103,6 +110,14 @@ class MemoryTimeline:
 
     def plot(self, path: str) -> None:
         """Write a PNG: device and host bytes over the step, with copy activity shaded."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def figure(self) -> object:
+        """The matplotlib figure that ``plot`` writes (Agg backend, no window)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -112,7 +127,14 @@ class MemoryTimeline:
         t = [x.t * 1e3 for x in s]
         mib = 2.0**20
         fig, ax = plt.subplots(figsize=(10, 4.5))
-        ax.step(t, [x.device_bytes / mib for x in s], where="post", label="device bytes")
+        # Say what was measured: on the CPU it is LMS's accounting, not an allocator.
+        source = "allocator" if self.device.type == "cuda" else "LMS accounting"
+        ax.step(
+            t, [x.device_bytes / mib for x in s], where="post", label=f"device bytes ({source})"
+        )
+        limit = self.lms_handle.stats().limit_bytes if self.lms_handle is not None else None
+        if limit is not None:  # the line the device bytes are meant to stay under
+            ax.axhline(limit / mib, color="tab:blue", ls=":", lw=1, label="LMS limit")
         ax.step(t, [x.host_bytes / mib for x in s], where="post", label="host bytes (LMS pool)")
         for prev, cur in zip(s, s[1:]):
             if cur.swapped_out_bytes > prev.swapped_out_bytes:
@@ -131,5 +153,4 @@ class MemoryTimeline:
         ax.set_title(f"Memory over one training step ({self.device})")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        return fig

@@ -125,7 +125,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except ddl.DDLError as e:
         p.error(str(e))
     try:
-        pick_device(args.device, local_rank_from_env(), torch.cuda.device_count())
+        device = pick_device(args.device, local_rank_from_env(), torch.cuda.device_count())
     except ValueError as e:
         p.error(str(e))
     # Only rank 0 writes files (see main); on other nodes these paths may not even exist.
@@ -136,6 +136,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 problem = cannot_write(path)
                 if problem:
                     p.error(f"{flag} {path}: {problem}")
+        if args.plot is not None and args.no_lms and device.type != "cuda":
+            p.error("--plot on the CPU samples LMS's accounting; drop --no-lms (or use a GPU)")
         if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
             p.error("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)")
 
@@ -419,7 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
-    timeline = MemoryTimeline(model, device, handle) if args.plot else None
+    try:
+        timeline = MemoryTimeline(model, device, handle) if args.plot else None
+    except ValueError as e:  # LMS_DISABLE=1 on the CPU: nothing to sample
+        raise SystemExit(f"error: --plot: {e}") from e
     bar = progress(args.steps, main_rank and not args.no_progress)
     losses, step_times = [], []
     tokens_per_step = args.batch * cfg.seq_len * world

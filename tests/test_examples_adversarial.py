@@ -265,3 +265,32 @@ def test_a_failed_save_keeps_the_checkpoint_it_resumed_from(
         )
     assert ckpt.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_plot_without_lms_on_the_cpu_is_refused(tmp_path, capsys):
+    # Nothing measures device bytes there: the plot was a flat line at 0 MiB.
+    err = _refused(["--steps", "1", "--no-lms", "--plot", str(tmp_path / "p.png")], capsys)
+    assert "--plot on the CPU samples LMS's accounting; drop --no-lms" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_says_what_it_measures_and_shows_the_limit():
+    import lms
+    from examples.gpt import GPT, GPTConfig, synthetic_batch
+    from examples.memory_timeline import MemoryTimeline
+
+    cfg = GPTConfig(n_layer=1, n_embd=64, n_head=4, vocab_size=128, seq_len=32)
+    model = GPT(cfg)
+    with pytest.raises(ValueError, match="nothing to sample on cpu without LMS"):
+        MemoryTimeline(model, torch.device("cpu"), None)
+    with lms.enable(model, limit="160KiB", min_size="4KiB", weights=False) as handle:
+        timeline = MemoryTimeline(model, torch.device("cpu"), handle)
+        with timeline.recording():
+            model(*synthetic_batch(cfg, 2, torch.Generator().manual_seed(0))).backward()
+        fig = timeline.figure()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "device bytes (LMS accounting)" in labels and "LMS limit" in labels
+    limit_line = next(line for line in ax.get_lines() if line.get_label() == "LMS limit")
+    assert limit_line.get_ydata()[0] == 160 / 1024  # MiB
+    timeline.remove()
