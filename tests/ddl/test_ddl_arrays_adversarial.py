@@ -2,14 +2,14 @@
 
 Reference: ``torch.distributed.all_reduce`` of a native, contiguous copy of the same values
 (the backend reads raw memory in row-major order, so for a view, a Fortran-order or a
-byte-swapped array that copy is what "the same maths" means). Tolerance: none. The data
-are small integers (and halves of them for "mean"), whose sums are exact in every dtype
-tested and in any order, so every algorithm must match the reference bitwise on 2 and 3
-ranks; how far random data drifts with the reduction order is the subject of
-``test_ddl_allreduce.py``.
+byte-swapped array that copy is what "the same maths" means), divided by the world size
+for "mean". Tolerance: none. The data are small integers, whose sums are exact in every
+dtype tested and in any order, and "mean" divides that exact sum once on both sides, so
+every algorithm must match the reference bitwise; how far random data drifts with the
+reduction order is the subject of ``test_ddl_allreduce.py``.
 
-In-process tests call ``ddl.interop.as_flat_tensor`` directly; the rest run one launch per
-world size, because starting ranks costs seconds.
+In-process tests call ``ddl.interop.as_flat_tensor`` directly; the rest share one launch of
+3 ranks, because starting ranks costs seconds.
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def _battery(alg, row):
     # and uint8 wrap around (3 x 120 > 255) the same way in any order.
     for name in DTYPES:
         dt = getattr(torch, name)
-        for shape in ((), (0,), (2,), (5,)):
+        # The odd sizes for two dtypes only: each case costs a header round on every rank.
+        shapes = ((), (0,), (2,), (5,)) if name in ("float16", "int64") else ((5,),)
+        for shape in shapes:
             for op in ("sum", "mean") if dt.is_floating_point else ("sum",):
                 x = (torch.arange(torch.Size(shape).numel()) % 7 + 100 + 10 * r).to(dt)
                 x = x.reshape(shape)
@@ -256,6 +258,8 @@ def _check_arrays(results):
                     assert rest[0] == case.split()[1], (alg, case)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_arrays_match_all_reduce_bitwise(world_size):
-    _check_arrays(run_ranks(_arrays, world_size, ALGS, local_size=1, deadline_s=90))
+def test_arrays_match_all_reduce_bitwise():
+    # One launch, on 3 ranks: chunks of unequal and zero length, and a world size that is
+    # not a power of 2. (The review ran it on 2 ranks too, and on 2 x 2 and 1 x 3 nodes;
+    # 2 ranks add nothing here that test_ddl_allreduce's 2-rank launch does not cover.)
+    _check_arrays(run_ranks(_arrays, 3, ALGS, local_size=1, deadline_s=90))
