@@ -268,6 +268,15 @@ class LMSConfig:
         if not isinstance(self.enabled, bool):
             raise LMSError(f"enabled={self.enabled!r} must be True or False")
 
+    def name_of(self, field: str) -> str:
+        """What the user set ``field`` with: its environment variable, or the argument.
+
+        Example:
+            >>> LMSConfig(limit="1GiB").name_of("limit")
+            'limit'
+        """
+        return dict(self._env_vars).get(field, field)
+
     def limit_bytes(self, device_total: int) -> int:
         """The limit in bytes on a device with ``device_total`` bytes.
 

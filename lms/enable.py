@@ -158,11 +158,39 @@ def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.
             "what to keep resident; enable LMS on the module that owns the parameters"
         )
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise LMSError(
+                f"device={device!r} is not a device ({e}); pass e.g. 'cuda', 'cuda:1' or 'cpu'"
+            ) from None
     dev = params[0].device
     if dev.type == "meta":
         raise LMSError("the model's parameters are on the meta device; materialize them first")
     return dev
+
+
+def _refuse_nested_paging(model: nn.Module, weights: bool | str) -> None:
+    """Refuse LMS inside or around a module LMS already manages, when weights may be paged.
+
+    Nested activation swapping works (each scope swaps what is saved inside it), but
+    two weight pagers would page the same parameters, and one pager's parameters would
+    look like ordinary resident ones to the other LMS.
+    """
+    for other, handle in list(_ENABLED.items()):
+        if other is model:
+            continue
+        inside = any(sub is other for sub in model.modules())
+        if not inside and not any(sub is model for sub in other.modules()):
+            continue
+        if weights is False and handle.weights is None:
+            continue
+        where = "submodule of" if inside else "module containing"
+        raise LMSError(
+            f"LMS is already enabled on a {where} this {type(model).__name__}, and weight "
+            "paging cannot nest: call remove() on that handle and enable LMS once on the "
+            "outermost model (or pass weights=False to both)"
+        )
 
 
 def enable(
@@ -225,6 +253,7 @@ def enable(
             f"LMS is already enabled on this {type(model).__name__}; call remove() on the "
             "first handle (or use it as a context manager) before enabling again"
         )
+    _refuse_nested_paging(model, cfg.weights)
     dev = _model_device(model, device)
     if not cfg.enabled:
         return LMSHandle(model, cfg, None)

@@ -504,7 +504,8 @@ class WeightPaging:
                 needs.append(
                     ModuleNeed(mname, sum(n for n, _ in nbytes), sum(n for n, g in nbytes if g))
                 )
-        check_modules_fit(needs, self.rt.limit)  # NOTE [Weight paging plan] Rule 5
+        # NOTE [Weight paging plan] Rule 5
+        check_modules_fit(needs, self.rt.limit, self.rt.config.name_of("limit"))
         self._check_host_memory(named)
         created: list[PagedParam] = []
         block = None

@@ -185,8 +185,11 @@ class ModuleNeed:
         return self.param_bytes + self.grad_bytes
 
 
-def check_modules_fit(needs: Sequence[ModuleNeed], limit: int) -> None:
+def check_modules_fit(needs: Sequence[ModuleNeed], limit: int, name: str = "limit") -> None:
     """Refuse a positive ``limit`` that some paged module cannot run under (Rule 5).
+
+    ``name`` is what the user set the limit with (``LMS_LIMIT`` when it came from the
+    environment), so that the message says what to raise.
 
     Raises:
         LMSError: naming the module with the largest need, and the limit that would do.
@@ -202,10 +205,10 @@ def check_modules_fit(needs: Sequence[ModuleNeed], limit: int) -> None:
         return
     label = repr(worst.name) if worst.name else "the model itself"
     raise LMSError(
-        f"limit={format_bytes(limit)} is too small for module {label} to run: it needs "
+        f"{name}={format_bytes(limit)} is too small for module {label} to run: it needs "
         f"{format_bytes(worst.total)} ({worst.total} bytes) on the device at once "
         f"({format_bytes(worst.param_bytes)} of paged parameters and "
-        f"{format_bytes(worst.grad_bytes)} of their gradients); raise limit to at least "
+        f"{format_bytes(worst.grad_bytes)} of their gradients); raise {name} to at least "
         f"{worst.total} bytes plus room for activations"
     )
 

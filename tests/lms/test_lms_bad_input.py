@@ -40,6 +40,15 @@ def assert_untouched(model: nn.Module) -> None:
     assert model not in _ENABLED
 
 
+def hooks_on(model: nn.Module) -> list:
+    """Every module's hooks and forward override, to compare before and after an error."""
+    return [
+        (name, attr, list(getattr(module, attr, {}).values()))
+        for name, module in model.named_modules()
+        for attr in HOOK_DICTS
+    ] + [module.__dict__.get("forward") for module in model.modules()]
+
+
 def assert_enables_again(model: nn.Module) -> None:
     x = torch.randn(4, 32)
     with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
@@ -255,4 +264,46 @@ def test_a_device_this_process_cannot_use_is_our_error(device):
     with pytest.raises(lms.LMSError, match=f"cannot compute on device '{device}'.*pass device="):
         lms.enable(model, limit="1MiB", device=device)
     assert_untouched(model)
+    assert_enables_again(model)
+
+
+def test_a_device_name_torch_cannot_parse_is_our_error():
+    model = make_model()
+    with pytest.raises(lms.LMSError, match="device='nonsense' is not a device"):
+        lms.enable(model, limit="1MiB", device="nonsense")
+    assert_untouched(model)
+    assert_enables_again(model)
+
+
+@pytest.mark.parametrize("outer_first", [True, False], ids=["outer_first", "inner_first"])
+def test_nested_enable_is_refused_and_the_first_handle_keeps_working(outer_first):
+    # Nested, two pagers would page the same parameters: the first forward failed
+    # with a misleading "parameter '1.0.weight' was replaced or moved".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 32), nn.ReLU()))
+    first, second = (model, model[1]) if outer_first else (model[1], model)
+    x = torch.randn(4, 32)
+    model(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    handle = lms.enable(first, limit=0, min_size=0, weights=True)
+    installed = hooks_on(model)
+    with pytest.raises(lms.LMSError, match="weight paging cannot nest"):
+        lms.enable(second, limit=0, min_size=0, weights=True)
+    assert hooks_on(model) == installed and second not in _ENABLED
+    model(x).sum().backward()
+    assert all(torch.equal(a, b.grad) for a, b in zip(want, model.parameters(), strict=True))
+    handle.remove()
+    assert_untouched(model)
+    assert_enables_again(model)
+
+
+def test_a_limit_too_small_for_a_module_names_the_variable_it_came_from(monkeypatch):
+    monkeypatch.setenv("LMS_LIMIT", "1KiB")
+    model = make_model()
+    with pytest.raises(lms.LMSError, match="LMS_LIMIT=1.00 KiB is too small for module '0'.*raise "
+                       "LMS_LIMIT to at least"):  # fmt: skip
+        lms.enable(model, weights=True, min_size=0)
+    assert_untouched(model)
+    monkeypatch.delenv("LMS_LIMIT")
     assert_enables_again(model)
