@@ -29,7 +29,8 @@ _HEADER_LEN = 16
 KIND_ALLREDUCE, KIND_WRAP, KIND_BUCKET, KIND_REJECTED = 1, 2, 3, 4
 
 
-def _header(seq: int, a: FlatArray, shape: tuple[int, ...], op: str, algorithm: str) -> list[int]:
+def _header(seq: int, a: FlatArray, op: str, algorithm: str) -> list[int]:
+    shape = a.shape
     dims = list(shape[:_MAX_DIMS]) + [-1] * (_MAX_DIMS - min(len(shape), _MAX_DIMS))
     dev = _DEVICE_TYPES.index(a.device.type) if a.device.type in _DEVICE_TYPES else 99
     return [
@@ -184,7 +185,6 @@ def allreduce_async(
         a = flat_array(x, "ddl.allreduce")
         if op == "mean" and not a.dtype.is_floating_point:
             raise DDLError(f"{what}: op='mean' needs a floating dtype, got {a.dtype}; use op='sum'")
-        shape = tuple(x.shape) if hasattr(x, "shape") else (a.numel,)
         group = s.group_for(a.device)
         if group is s.world and a.device.type != s.device.type:
             raise DDLError(
@@ -207,7 +207,7 @@ def allreduce_async(
 
     def run() -> None:
         if do_check:
-            check_same_everywhere(s, _header(_group.current_seq(), a, shape, op, algorithm), what)
+            check_same_everywhere(s, _header(_group.current_seq(), a, op, algorithm), what)
         with torch.inference_mode(a.inference):
             flat = a.load()  # now, not at submit: see ddl.interop.flat_array
             allreduce_flat(

@@ -138,6 +138,7 @@ class FlatArray:
     """An array as one flat, contiguous tensor, made when the collective runs.
 
     Attributes:
+        shape: the caller's array's shape (for the cross-rank check).
         dtype: the flat tensor's torch dtype.
         device: where it lives.
         numel: its number of elements.
@@ -149,6 +150,7 @@ class FlatArray:
             array; None when ``load`` returns a view.
     """
 
+    shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     numel: int
@@ -200,9 +202,10 @@ def flat_array(x: Any, what: str) -> FlatArray:
             np.copyto(x, flat.numpy().reshape(x.shape))  # swaps the bytes back if needed
 
         load, store = load_copy, store_copy
-        device, numel, inference = torch.device("cpu"), int(x.size), False
+        shape, device, numel, inference = tuple(x.shape), torch.device("cpu"), int(x.size), False
     else:
-        dtype, device, numel, inference = t.dtype, t.device, t.numel(), t.is_inference()
+        shape, dtype, device = tuple(t.shape), t.dtype, t.device
+        numel, inference = t.numel(), t.is_inference()
         overlaps = _overlaps(t)
         if t.is_contiguous() and not t.is_neg():
             load, store = (lambda: t.view(-1)), None
@@ -236,7 +239,7 @@ def flat_array(x: Any, what: str) -> FlatArray:
         elif dtype == torch.bool:
             hint = " (for flags, reduce x.to(torch.int32): the sum counts the ranks with True)"
         raise DDLError(f"{what}: dtype {dtype} is not supported; use one of {names}{hint}")
-    return FlatArray(dtype, device, numel, inference, load, store)
+    return FlatArray(shape, dtype, device, numel, inference, load, store)
 
 
 def as_flat_tensor(x: Any, what: str) -> tuple[torch.Tensor, Callable[[], None] | None]:

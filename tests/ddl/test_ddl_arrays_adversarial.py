@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ddl_harness import run_ranks
 
 import ddl
-from ddl.interop import as_flat_tensor
+from ddl.interop import as_flat_tensor, flat_array
 
 ALGS = ("native", "ring", "multiring", "hierarchical", "auto")
 
@@ -79,6 +79,19 @@ class _DLPackOnly:
 
     def __dlpack_device__(self):
         return self._array.__dlpack_device__()
+
+
+class _OddShape(_DLPackOnly):
+    """A DLPack producer whose ``shape`` is not a tuple (a method, as on some wrappers)."""
+
+    def shape(self):
+        return self._array.shape
+
+
+def test_the_shape_checked_across_ranks_is_the_viewed_tensors():
+    plan = flat_array(_OddShape(np.zeros((2, 3), np.float32)), "demo")
+    assert plan.shape == (2, 3) and plan.numel == 6 and plan.dtype == torch.float32
+    assert flat_array(np.zeros((4, 1), ">f8")[::-1], "demo").shape == (4, 1)
 
 
 def test_read_only_dlpack_exports_are_refused():
@@ -162,6 +175,11 @@ def _battery(alg, row):
         expected = _reference(view)
         assert ddl.allreduce(view, algorithm=alg) is view
         row[name] = (view.tolist(), expected.tolist())
+    # A DLPack producer whose shape attribute is a method: the view's shape is checked.
+    odd = _OddShape(np.full((2, 2), float(r + 1), np.float32))
+    expected = _reference(odd._array)
+    assert ddl.allreduce(odd, algorithm=alg) is odd
+    row["dlpack odd shape"] = (odd._array.tolist(), expected.tolist())
     # A leaf that requires grad: reduced in place, still a leaf that requires grad.
     w = torch.full((3,), float(r + 1), requires_grad=True)
     expected = _expect(w, "sum")
