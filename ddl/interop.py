@@ -53,9 +53,12 @@ def _to_torch(x: Any, what: str) -> torch.Tensor | None:
             raise DDLError(
                 f"{what}: the NumPy array is read-only; pass a writable array (x.copy())"
             )
-        if any(s < 0 for s in x.strides) or not x.dtype.isnative:
-            # torch can view neither negative strides nor another byte order than the
-            # machine's ('>f4' on x86): the caller reduces a native copy (flat_array).
+        size = x.dtype.itemsize
+        if any(s < 0 or s % size for s in x.strides) or not x.dtype.isnative:
+            # torch can view neither negative strides, nor strides that are not whole
+            # elements (a field of a packed record array: ('a', f4), ('b', i1) has
+            # stride 5), nor another byte order than the machine's ('>f4' on x86): the
+            # caller reduces a native copy (flat_array).
             return None
         return _from_numpy(x, what)
     if hasattr(x, "__dlpack__"):
@@ -131,6 +134,8 @@ def _from_numpy(a: np.ndarray, what: str) -> torch.Tensor:
         return torch.from_numpy(a)
     except TypeError as e:
         raise DDLError(f"{what}: NumPy dtype {a.dtype} has no torch equivalent ({e})") from e
+    except ValueError as e:  # a layout torch cannot view that _to_torch did not foresee
+        raise DDLError(f"{what}: torch cannot view this NumPy array; pass np.copy(x) ({e})") from e
 
 
 @dataclass(frozen=True)

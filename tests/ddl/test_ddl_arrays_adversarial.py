@@ -94,6 +94,15 @@ def test_the_shape_checked_across_ranks_is_the_viewed_tensors():
     assert flat_array(np.zeros((4, 1), ">f8")[::-1], "demo").shape == (4, 1)
 
 
+def test_a_field_of_a_packed_record_array_is_reduced_through_a_copy():
+    field = _record_field(np.arange(3.0))
+    assert field.strides == (5,)
+    flat, finish = as_flat_tensor(field, "demo")
+    flat.mul_(2)
+    finish()
+    assert field.tolist() == [0.0, 2.0, 4.0] and field.base["b"].tolist() == [0, 0, 0]
+
+
 def test_read_only_dlpack_exports_are_refused():
     ro = np.arange(3.0)
     ro.flags.writeable = False
@@ -131,6 +140,13 @@ def _expect(t, op):
     ref = t.detach().contiguous().clone()
     dist.all_reduce(ref)
     return ref.div_(ddl.world_size()) if op == "mean" else ref
+
+
+def _record_field(values):
+    """``values`` as field "a" of a packed record array: a stride of 5 bytes for float32."""
+    rec = np.zeros(values.size, dtype=[("a", "<f4"), ("b", "i1")])
+    rec["a"] = values.ravel()
+    return rec["a"]
 
 
 def _battery(alg, row):
@@ -171,6 +187,7 @@ def _battery(alg, row):
         ("numpy reversed", a.copy()[::-1, ::-2]),
         ("numpy float16", a.astype(np.float16)[:, ::2]),
         ("numpy 0-d", np.array(3.0 * (r + 1))),
+        ("numpy record field", _record_field(a)),
     ):
         expected = _reference(view)
         assert ddl.allreduce(view, algorithm=alg) is view
