@@ -37,11 +37,12 @@ class GPTConfig:
     tie_weights: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        # Positive first: n_head=0 would otherwise stop at the modulo with ZeroDivisionError.
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
 
     def num_params(self) -> int:
         """Parameter count of the model this config builds (tied head counted once)."""

@@ -42,6 +42,7 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
         (["--n-embd", "63"], "--n-embd=63 must be a multiple of --n-head=4"),
         (["--vocab-size", "0"], "--vocab-size must be positive"),
         (["--n-layer", "0"], "--n-layer must be positive"),
+        (["--n-head", "0"], "--n-head must be positive, got 0"),
         (["--limit", "abc"], "--limit: limit='abc' cannot be parsed"),
         (["--limit", "1.5"], "--limit: limit=1.5 is not a fraction in (0, 1]"),
         (["--limit", "-5"], "--limit: limit='-5' cannot be parsed"),

@@ -30,6 +30,8 @@ def test_loss_is_reproducible():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="multiple of n_head"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_head must be positive, got 0"):
+        GPTConfig(n_head=0)  # was ZeroDivisionError from the divisibility check
 
 
 def test_sequence_longer_than_the_context_is_refused():
