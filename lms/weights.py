@@ -890,9 +890,10 @@ class WeightPaging:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         with self.rt.lock:
             if self._graph_pending:
-                # Backward starts with the modules that ran last: fetch them now.
-                rec = self.tracker.recording
-                self._prefetch(rec, len(rec), -1)
+                if output is not None:  # None: the forward raised; no backward follows it
+                    # Backward starts with the modules that ran last: fetch them now.
+                    rec = self.tracker.recording
+                    self._prefetch(rec, len(rec), -1)
                 return
             # No graph: nothing will run backward. Release everything, back to HOST.
             self.tracker.finish_step()

@@ -5,6 +5,8 @@ Every case checks, after the error, that nothing LMS installs is left on the mod
 models) and that enabling again with good settings works.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -307,3 +309,24 @@ def test_a_limit_too_small_for_a_module_names_the_variable_it_came_from(monkeypa
     assert_untouched(model)
     monkeypatch.delenv("LMS_LIMIT")
     assert_enables_again(model)
+
+
+def test_the_host_cap_hit_with_weight_paging_raises_once_and_training_goes_on():
+    # The root's always_call post-hook used to prefetch for the backward of a forward
+    # that had just raised, hit the cap again, and torch warned that it silenced it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    reference = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(256, 64)
+    handle = lms.enable(model, limit=0, min_size=0, weights=True, host_limit="160KiB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(lms.LMSError, match="host memory cap reached"):
+            model(x).sum().backward()
+    model(x[:8]).sum().backward()
+    reference(x[:8]).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    handle.remove()
+    assert_untouched(model)
