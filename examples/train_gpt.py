@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--vocab-size", type=int, default=512)
     model.add_argument("--seq-len", type=int, default=128)
     model.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    model.add_argument("--steps", type=int, default=30)
+    model.add_argument(
+        "--steps", type=int, default=30, help="steps to run (after --resume: more steps)"
+    )
     model.add_argument("--lr", type=float, default=3e-3)
     model.add_argument(
         "--optimizer",
