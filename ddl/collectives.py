@@ -193,10 +193,17 @@ def allreduce_async(
                 "Gloo)"
             )
         concrete = resolve_algorithm(algorithm, a.numel * a.dtype.itemsize, s.topology)
-    except DDLError:
+    except Exception as e:
         if do_check:
             _take_turn_rejected(s, what)
-        raise
+        if isinstance(e, DDLError):
+            raise
+        # Something the checks did not foresee (a tensor subclass, a producer's own
+        # error): still ours, and the turn above keeps the ranks in step.
+        raise DDLError(
+            f"{what}: could not prepare the {type(x).__name__} ({type(e).__name__}: {e}); "
+            "pass a plain torch tensor or NumPy array"
+        ) from e
     nccl = group is s.world and s.backend == "nccl"
     # A tensor made under torch.inference_mode() (an eval loss, say) may be written in
     # place only inside inference mode, and a normal one only outside it where it is

@@ -30,6 +30,16 @@ def test_collectives_before_init(monkeypatch):
     ddl.shutdown()  # harmless when not initialised
 
 
+class _Unviewable(torch.Tensor):
+    """A tensor subclass that fails where ddl looks at it (some wrapper's own error)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.detach:
+            raise RuntimeError("this wrapper cannot be detached")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def _misuse():
     """Every misuse raises on every rank, and the state stays usable afterwards."""
     r = ddl.rank()
@@ -89,6 +99,7 @@ def _misuse():
         mean_int=lambda: ddl.allreduce(torch.ones(3, dtype=torch.int32), op="mean"),
         topology=lambda: ddl.allreduce(torch.ones(3), algorithm="hierarchical"),
         type=lambda: ddl.allreduce([1.0, 2.0, 3.0]),
+        subclass=lambda: ddl.allreduce(_Unviewable(torch.ones(3))),
     )
     for name, bad in bad_inputs.items():
         start = time.monotonic()
@@ -125,6 +136,8 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         for name, (took, values) in rejected.items():
             msg = caught[f"one_rank_{name}"]
             assert msg is not None, name
+            if rank == 1 and name == "subclass":
+                assert "could not prepare the _Unviewable (RuntimeError: this" in msg, msg
             if rank != 1:
                 assert "ranks [1]: an allreduce it rejected as bad input" in msg, (name, msg)
                 assert "ranks [0, 2]: allreduce of shape (" in msg, (name, msg)
