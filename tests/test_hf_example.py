@@ -20,9 +20,13 @@ def test_the_example_leaves_the_deterministic_switch_as_it_found_it():
     pytest.importorskip("transformers")
     # Tests call main() in-process: left on, the global switch changes every later test
     # (torch.empty filled with NaN, nondeterministic kernels refused).
-    assert not torch.are_deterministic_algorithms_enabled()
-    hf_transformers.main(["--steps", "1", "--batch", "1", "--seq-len", "16"])
-    assert not torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)  # whatever earlier tests left
+    try:
+        hf_transformers.main(["--steps", "1", "--batch", "1", "--seq-len", "16"])
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_without_transformers_it_says_so_and_returns(monkeypatch, capsys):
