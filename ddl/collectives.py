@@ -205,16 +205,16 @@ def allreduce_async(
             "pass a plain torch tensor or NumPy array"
         ) from e
     nccl = group is s.world and s.backend == "nccl"
-    # A tensor made under torch.inference_mode() (an eval loss, say) may be written in
-    # place only inside inference mode, and a normal one only outside it where it is
-    # saved for backward; inference mode is per thread, and the body runs on the worker
-    # or in the caller's thread. So the body sets the mode from the tensor itself:
-    # otherwise the first in-place add fails after messages have moved, which reads as
-    # a failed transport and stops ddl for good.
 
     def run() -> None:
         if do_check:
             check_same_everywhere(s, _header(_group.current_seq(), a, op, algorithm), what)
+        # A tensor made under torch.inference_mode() (an eval loss, say) may be written in
+        # place only inside inference mode, and a normal one only outside it where it is
+        # saved for backward; inference mode is per thread, and this runs on the worker
+        # or in the caller's thread. So the mode comes from the tensor itself: otherwise
+        # the first in-place add fails after messages have moved, which reads as a failed
+        # transport and stops ddl for good.
         with torch.inference_mode(a.inference):
             flat = a.load()  # now, not at submit: see ddl.interop.flat_array
             allreduce_flat(
