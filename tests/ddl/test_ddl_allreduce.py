@@ -2,7 +2,8 @@
 
 Tolerance (where bitwise is not expected). Each algorithm sums the same p values in a
 different order. For any order, the floating-point sum S' of x_1..x_p obeys
-|S' - S| <= (p - 1) u sum|x_i| (u = unit roundoff: 2^-24 fp32, 2^-53 fp64, 2^-8 bf16),
+|S' - S| <= (p - 1) u sum|x_i| (u = unit roundoff: 2^-24 fp32, 2^-53 fp64, 2^-8 bf16,
+2^-11 fp16),
 so two orders differ by at most 2 (p - 1) u sum|x_i|; "mean" divides both by p and adds
 one rounding each (2 u |result|). The test asserts exactly this bound, elementwise. (A review
 on 3 ranks with 10 x randn data saw at most 3.8e-6 in float32, 7e-15 in float64, 0.03 in
