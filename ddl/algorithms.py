@@ -261,6 +261,9 @@ def _run_threads(link: _Link, chains: list[Iterator[_Step]], stagger: int, width
     tags, so they pair up whatever the interleaving.
     """
     n = len(chains)
+    # Inference mode is per thread: carry the caller's into the chain threads, whose adds
+    # and divisions write into an inference tensor when the caller reduces one.
+    inference = torch.is_inference_mode_enabled()
     gates = [threading.Event() for _ in range(n)]
     gates[0].set()
     lock = threading.Lock()
@@ -295,7 +298,8 @@ def _run_threads(link: _Link, chains: list[Iterator[_Step]], stagger: int, width
                     return
                 next_chain[0] += 1
             gates[k].wait()
-            drive(k)
+            with torch.inference_mode(inference):
+                drive(k)
 
     threads = [threading.Thread(target=worker, name="ddl-chain") for _ in range(min(width, n))]
     for t in threads:

@@ -250,6 +250,18 @@ def _arrays(algs):
             expected = _reference(t.numpy()) / ddl.world_size()
             assert ddl.allreduce(t, op="mean", algorithm=alg) is t
             row[name] = (t.tolist(), expected.tolist())
+        # Large enough to be cut into pieces that run on threads (pieces made small here).
+        mod = ddl.algorithms
+        saved = mod._PIECE_BYTES, mod._HIER_PIECE_BYTES
+        mod._PIECE_BYTES = mod._HIER_PIECE_BYTES = 1 << 14
+        try:
+            with torch.inference_mode():
+                big = torch.arange(20000.0) * (r + 1)
+            expected = _reference(big.numpy()) / ddl.world_size()
+            ddl.allreduce(big, op="mean", algorithm=alg)
+            row["inference pieces"] = (big.tolist(), expected.tolist())
+        finally:
+            mod._PIECE_BYTES, mod._HIER_PIECE_BYTES = saved
         normal = [torch.full((4,), 2.0 * (r + 1)) for _ in range(2)]
         expected = _reference(normal[0].numpy())
         with torch.inference_mode():
