@@ -36,6 +36,7 @@ import datetime
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,6 +331,8 @@ def shutdown() -> None:
     if s.failed is not None:
         # Groups with unmatched messages cannot be torn down collectively; drop them.
         return
+    if not dist.is_initialized():
+        return  # the user destroyed the job's groups already, ddl's with them
     try:
         if s.owns_default_group:
             dist.destroy_process_group()
@@ -365,6 +368,13 @@ class Handle:
         self._future = future
         self._result = result
         self._device = device
+        self._waited = False
+
+    def __del__(self) -> None:
+        # A failure nobody waits for would vanish: the next collective runs fine while
+        # this one's tensor was never reduced. Say so, as asyncio does for its tasks.
+        if not self._waited:
+            self._future.add_done_callback(_warn_if_failed)
 
     def done(self) -> bool:
         """True once the collective finished (successfully or not); never blocks."""
@@ -384,6 +394,7 @@ class Handle:
             DDLError: the collective failed (message says which and why), or ``timeout``
                 passed first.
         """
+        self._waited = True
         try:
             event = self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -394,6 +405,16 @@ class Handle:
         if event is not None:
             getattr(torch, self._device.type).current_stream(self._device).wait_event(event)
         return self._result
+
+
+def _warn_if_failed(future: concurrent.futures.Future) -> None:
+    error = future.exception()
+    if error is not None:
+        warnings.warn(
+            f"a ddl collective failed and its Handle was dropped without wait(): {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def submit(
@@ -500,7 +521,10 @@ def _guarded(s: _State, seq: int, what: str, fn: Callable[[], None]) -> None:
         elif missing:
             names = f"ranks {missing} did not arrive"
         else:
-            names = "every rank arrived, so the failure is in the transport"
+            names = (
+                "every rank arrived, so the failure is in the transport or on this rank "
+                f"itself ({type(e).__name__})"
+            )
         msg = (
             f"{what} (collective #{seq}) failed on rank {s.rank} after up to "
             f"{s.timeout.total_seconds():g} s: {names}. A rank died, stalled, or called a "

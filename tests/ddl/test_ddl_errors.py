@@ -5,10 +5,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from ddl_harness import run_ranks
 
 import ddl
@@ -123,9 +125,21 @@ def _misuse():
     for h in reversed(handles):
         h.wait()
     rejected["async"] = (0.0, [xs[0].tolist(), xs[2].tolist()])
+    # A failing async collective whose Handle is dropped unwaited warns; it used to
+    # vanish while the next collective ran as if nothing had happened.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ddl.allreduce_async(torch.ones(4 + (r == 1)))  # shapes differ: fails on every rank
+        ddl.allreduce(torch.ones(2))  # one worker, in order: the dropped one ended first
+    dropped = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    caught["dropped"] = "\n".join(dropped) or None
     # Still healthy: a normal collective gives the right answer.
     t = torch.full((5,), float(r))
     ddl.allreduce(t, op="sum", algorithm="ring")
+    # The user tears the job down first: ddl.shutdown() must not fail on the groups
+    # that went with it.
+    dist.destroy_process_group()
+    ddl.shutdown()
     return caught, t.tolist(), same, rejected
 
 
@@ -166,6 +180,8 @@ def test_misuse_raises_everywhere_and_leaves_state_usable():
         assert "no parameters" in msgs["wrap_empty"]
         assert "same model" in msgs["wrap_layout"]
         assert "already wrapped" in msgs["wrap_twice"]
+        assert "Handle was dropped without wait()" in msgs["dropped"], msgs["dropped"]
+        assert "allreduce of shape (5,)" in msgs["dropped"], msgs["dropped"]
         assert "local_size=1 (running: 2)" in msgs["reinit"] and "timeout" not in msgs["reinit"]
         assert "ranks [0]: allreduce" in msgs["mixed"] and "ranks [1, 2]: ddl.wrap" in msgs["mixed"]
 
