@@ -516,4 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Tear down the process groups ddl made (a no-op in a single process): NCCL
+        # warns at exit about groups left alive.
+        ddl.shutdown()
