@@ -49,6 +49,31 @@ def test_cuda_grads_bitwise(limit):
     assert handle.stats().swap_outs > 0
 
 
+def test_cuda_bf16_autocast_recast_casts_bitwise():
+    # Under autocast the weights' bf16 casts are dropped and cast again in backward
+    # (NOTE [Activation swapping] Rule 10), on the compute stream of autograd's
+    # device thread: the gradients must still match to the bit.
+    model, x, y = gpt_on_cuda()
+
+    def autocast_grads():
+        model.zero_grad(set_to_none=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, y)
+            loss.backward()  # outside autocast, as recommended: its cache is gone here
+        torch.cuda.synchronize()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want = autocast_grads()
+    assert all(torch.equal(a, b) for a, b in zip(want, autocast_grads(), strict=True))
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        for _ in range(2):
+            got = autocast_grads()
+            assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    stats = handle.stats()
+    assert stats.recasts > 0 and stats.swap_outs > 0, stats.as_dict()
+
+
 def test_stream_race_with_delayed_copy_streams(monkeypatch):
     # Delay both copy streams so every copy lands long after compute has moved on.
     # Freeing a device buffer before its copy out finished, or reading one before
