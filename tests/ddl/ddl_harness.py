@@ -60,6 +60,19 @@ def _child(rank, world_size, store_path, local_size, ddl_timeout, fn, args, q, e
             pass
 
 
+class DLPackOnly:
+    """Exposes an array only through the DLPack protocol, as CuPy and JAX arrays do."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
 def free_port():
     """A TCP port that was free a moment ago (for torchrun-style launches)."""
     with socket.socket() as sock:

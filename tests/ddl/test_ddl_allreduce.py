@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from ddl_harness import free_port, run_ranks
+from ddl_harness import DLPackOnly, free_port, run_ranks
 
 import ddl
 
@@ -103,24 +103,11 @@ def _interop(alg):
     out["int64"] = i.tolist()
     # A foreign array that only speaks DLPack (the path CuPy takes): no copy, in place.
     mem = np.full(6, r + 1, dtype=np.float32)
-    foreign = _DLPackOnly(mem)
+    foreign = DLPackOnly(mem)
     assert ddl.allreduce(foreign, algorithm=alg) is foreign
     out["dlpack"] = mem.tolist()
     out["p"] = p
     return out
-
-
-class _DLPackOnly:
-    """Exposes an array only through the DLPack protocol, like a CuPy array does."""
-
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, *args, **kwargs):
-        return self._array.__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
 
 
 def _check_interop(res):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from ddl_harness import run_ranks
+from ddl_harness import DLPackOnly, run_ranks
 
 import ddl
 from ddl.interop import as_flat_tensor, flat_array
@@ -68,20 +68,7 @@ def test_sparse_and_nested_tensors_are_refused_with_advice():
         as_flat_tensor(nested, "demo")
 
 
-class _DLPackOnly:
-    """Exposes an array only through the DLPack protocol, as CuPy and JAX arrays do."""
-
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, *args, **kwargs):
-        return self._array.__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
-
-
-class _OddShape(_DLPackOnly):
+class _OddShape(DLPackOnly):
     """A DLPack producer whose ``shape`` is not a tuple (a method, as on some wrappers)."""
 
     def shape(self):
@@ -109,11 +96,11 @@ def test_read_only_dlpack_exports_are_refused():
     frozen = np.frombuffer(bytes(24), dtype=np.float64)  # memory of an immutable bytes
     for a in (ro, frozen):
         with pytest.raises(ddl.DDLError, match="demo: .*read-only.*pass a writable"):
-            flat, _ = as_flat_tensor(_DLPackOnly(a), "demo")
+            flat, _ = as_flat_tensor(DLPackOnly(a), "demo")
             flat.add_(1)  # what the reduction would do, had the view been handed out
     assert ro.tolist() == [0.0, 1.0, 2.0] and frozen.tolist() == [0.0] * 3
     writable = np.zeros(3)
-    flat, finish = as_flat_tensor(_DLPackOnly(writable), "demo")
+    flat, finish = as_flat_tensor(DLPackOnly(writable), "demo")
     flat.add_(1)
     assert finish is None and writable.tolist() == [1.0] * 3  # still a view, no copy
 
