@@ -79,13 +79,20 @@
 #    region). Such a tensor is recognised at save time by its autograd history
 #    (a ``ToCopyBackward0`` straight from the ``AccumulateGrad`` of one of the
 #    model's parameters, same shape and strides) and remembered with its
-#    source (``_CastSource``). While it fits it stays resident like any entry;
-#    evicting it drops it (``Where.DROPPED``): no copy out, none back, and
-#    backward makes it again from the parameter, on the compute stream, when it
-#    is unpacked. The cast is deterministic, so the values are bitwise those
-#    autocast saved. Dropped casts are chosen before any other eviction, and a
-#    new cast that does not fit is dropped at once (NOTE [Swap policy] Rule 5).
-#    The parameter must be unchanged at that point: a parameter modified in
+#    source (``_CastSource``). Only a cast made during this forward, of a
+#    parameter not modified in place since the forward began, is recognised:
+#    autocast's cache lives as long as the autocast region, not the forward, so
+#    a training loop inside one region, or a weight updated in forward after its
+#    first use, is handed a cast of values the parameter no longer holds; such a
+#    cast is swapped like any activation. ``_Castable`` notes, per thread
+#    (autograd numbers its nodes per thread), where the forward began. While a
+#    cast fits it stays resident like any entry; evicting it drops it
+#    (``Where.DROPPED``): no copy out, none back, and backward makes it again
+#    from the parameter, on the compute stream, when it is unpacked. The cast is
+#    deterministic, so the values are bitwise those autocast saved. Dropped
+#    casts are chosen before any other eviction, and a new cast that does not
+#    fit is dropped at once (NOTE [Swap policy] Rule 5). The parameter must
+#    still be unchanged when the cast is made again: a parameter modified in
 #    place between forward and backward (an optimizer step in between) would
 #    give a cast of the new values, so unpacking raises ``LMSError`` instead.
 #    Paged parameters are left out: their shells are empty in backward (NOTE
@@ -101,7 +108,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -201,15 +208,25 @@ class _CastSource:
         return storage
 
 
-def _cast_source(root: torch.Tensor, castable: dict[int, nn.Parameter]) -> _CastSource | None:
+class _Castable(NamedTuple):
+    """Where this thread's training forward began, for recognising fresh casts (Rule 10)."""
+
+    since: int  # autograd's next node number on this thread: nodes made later are newer
+    params: dict[int, tuple[nn.Parameter, int]]  # by id: the parameter, and its version then
+
+
+def _cast_source(root: torch.Tensor, castable: _Castable) -> _CastSource | None:
     """The parameter ``root`` is a plain dtype cast of, if one of ``castable`` (Rule 10)."""
     fn = root.grad_fn
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return None
+    if fn._sequence_nr() < castable.since:
+        return None  # made before this forward, from autocast's cache: maybe of older values
     acc = fn.next_functions[0][0]
-    param = castable.get(id(getattr(acc, "variable", None)))
+    param, version = castable.params.get(id(getattr(acc, "variable", None)), (None, None))
     if (
         param is None
+        or param._version != version  # modified in this forward: the cast may predate it
         or param.dtype == root.dtype
         or param.device != root.device
         or param.shape != root.shape
@@ -373,11 +390,11 @@ class ActivationSwapper:
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
         self._owned = [*model.parameters(), *model.buffers()]
-        # Parameters whose casts may be dropped and made again (Rule 10), by id:
-        # the model's parameters except the paged ones, which ``lms.enable`` lists
-        # in ``paged`` once weight paging is attached.
+        # Parameters whose casts may be dropped and made again (Rule 10): the
+        # model's parameters except the paged ones, which ``lms.enable`` lists in
+        # ``paged`` once weight paging is attached. Each training forward puts a
+        # ``_Castable`` of them in ``self._threads.castable``.
         self.paged: frozenset[int] = frozenset()
-        self._castable: dict[int, nn.Parameter] = {}
         # Where the first parameter lives once ``lms.enable`` is done (it sets this,
         # after weight paging may have moved a host-built model to the device): a
         # training forward after the model moved elsewhere is refused (Rule 2).
@@ -435,11 +452,14 @@ class ActivationSwapper:
                 self._end_backward()
             self.phase = Phase.FORWARD
             self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
-            self._castable = {
-                id(t): t
-                for t in self._owned
-                if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in self.paged
-            }
+            self._threads.castable = _Castable(
+                torch._C._autograd._get_sequence_nr(),
+                {
+                    id(t): (t, t._version)
+                    for t in self._owned
+                    if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in self.paged
+                },
+            )
             self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -507,7 +527,8 @@ class ActivationSwapper:
         counter.data = self._empty
         base = t._base
         root = t if base is None else base  # the family sharing t's version counter (Rule 3)
-        source = _cast_source(root, self._castable) if self._castable else None
+        castable = getattr(self._threads, "castable", None)
+        source = _cast_source(root, castable) if castable and castable.params else None
         with self._section:
             entry = self._index.get(ptr)
             if (

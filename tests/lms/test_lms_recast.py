@@ -133,3 +133,61 @@ def test_paged_weights_casts_are_swapped_not_recast():
     s, paged = assert_same_grads_with_lms(step, limit=2 << 20, weights=True)
     assert "0.weight" in paged and "2.weight" in paged
     assert s.recasts == 0 and s.swap_outs > 0
+
+
+def test_a_stale_cast_from_autocasts_cache_is_copied_not_recast():
+    # Autocast caches a weight's cast for the whole autocast region, not per
+    # forward: with the loop inside one region, step 2 reuses the cast of the
+    # weights before step 1's optimizer step, and so its gradients do too.
+    # Casting again from the updated parameter would give other values: the
+    # stale cast must be copied like an activation (Rule 10).
+    def loop_inside_autocast(model, x):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        got = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(2):
+                model(x).float().square().mean().backward()
+                got += grads(model)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return got
+
+    model, x = mlp(), batch()
+    want = loop_inside_autocast(model, x)
+    for limit in (0, 300 * 1024):
+        model = mlp()
+        with lms.enable(model, limit=limit, min_size=0, weights=False) as handle:
+            got = loop_inside_autocast(model, x)
+            assert handle.activations.live_entries() == 0
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+        assert handle.stats().recasts == 1  # step 1's, fresh
+
+
+def test_a_cast_made_before_its_parameter_changed_in_forward_is_copied_not_recast():
+    # The first call makes and caches the cast without saving it (its input needs
+    # no gradient); the weight then changes in place; the second call saves the
+    # cached cast, of the old values.
+    class UpdatedInForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(256, 256)
+
+        def forward(self, x):
+            h = torch.nn.functional.gelu(self.lin(x))
+            with torch.no_grad():
+                self.lin.weight.mul_(0.5)
+            return self.lin(h)
+
+    torch.manual_seed(0)
+    model = UpdatedInForward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step(model, batch())
+    want = grads(model)
+    for limit in (0, 300 * 1024):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with lms.enable(model, limit=limit, min_size=0, weights=False) as handle:
+            step(model, batch())
+            assert handle.activations.live_entries() == 0
+        assert all(torch.equal(a, b) for a, b in zip(want, grads(model), strict=True))
+        assert handle.stats().recasts == 0
