@@ -84,7 +84,8 @@
 #    autocast's cache lives as long as the autocast region, not the forward, so
 #    a training loop inside one region, or a weight updated in forward after its
 #    first use, is handed a cast of values the parameter no longer holds; such a
-#    cast is swapped like any activation. ``_Castable`` notes, per thread
+#    cast is swapped like any activation, and so is a cast written in place
+#    since it was made (version not 0). ``_Castable`` notes, per thread
 #    (autograd numbers its nodes per thread), where the forward began. While a
 #    cast fits it stays resident like any entry; evicting it drops it
 #    (``Where.DROPPED``): no copy out, none back, and backward makes it again
@@ -227,6 +228,7 @@ def _cast_source(root: torch.Tensor, castable: _Castable) -> _CastSource | None:
     if (
         param is None
         or param._version != version  # modified in this forward: the cast may predate it
+        or root._version != 0  # written in place since the cast (under no_grad): other values
         or param.dtype == root.dtype
         or param.device != root.device
         or param.shape != root.shape

@@ -191,3 +191,32 @@ def test_a_cast_made_before_its_parameter_changed_in_forward_is_copied_not_recas
             assert handle.activations.live_entries() == 0
         assert all(torch.equal(a, b) for a, b in zip(want, grads(model), strict=True))
         assert handle.stats().recasts == 0
+
+
+def test_a_cast_modified_in_place_before_it_is_saved_is_copied_not_recast():
+    # A user's own cast, scaled in place under no_grad: its history still says
+    # ToCopyBackward0, but its values are no longer a cast of the weight.
+    class ScaledCast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(256, 256))
+
+        def forward(self, x):
+            w = self.weight.to(torch.bfloat16)
+            with torch.no_grad():
+                w.mul_(2)
+            return (x.bfloat16() @ w).relu() @ w
+
+    def train(model, x):
+        model(x).float().square().mean().backward()
+
+    torch.manual_seed(0)
+    model = ScaledCast()
+    train(model, batch())
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        train(model, batch())
+        assert handle.activations.live_entries() == 0
+    assert all(torch.equal(a, b) for a, b in zip(want, grads(model), strict=True))
+    assert handle.stats().recasts == 0
