@@ -95,7 +95,8 @@
 #    fit is dropped at once (NOTE [Swap policy] Rule 5). The parameter must
 #    still be unchanged when the cast is made again: a parameter modified in
 #    place between forward and backward (an optimizer step in between) would
-#    give a cast of the new values, so unpacking raises ``LMSError`` instead.
+#    give a cast of the new values, so unpacking raises ``LMSError`` instead;
+#    so does one whose data was replaced (``param.data = ...``, no version bump).
 #    Paged parameters are left out: their shells are empty in backward (NOTE
 #    [Weight paging] Rule 11), so their casts are swapped like any activation.
 """
@@ -184,12 +185,15 @@ class _Entry:
 class _CastSource:
     """The parameter a saved storage was cast from, to make it again (Rule 10)."""
 
-    __slots__ = ("param", "dtype", "version")
+    __slots__ = ("param", "dtype", "version", "storage")
 
     def __init__(self, param: nn.Parameter, dtype: torch.dtype) -> None:
         self.param = param
         self.dtype = dtype
         self.version = param._version  # the cast holds these values
+        # ``param.data = ...`` bumps no version; the StorageImpl's address tells
+        # (a storage resized in place by its owner keeps it, as in Rule 9).
+        self.storage = param.untyped_storage()._cdata
 
     def cast(self, nbytes: int) -> Any:
         """The cast made again: a storage bitwise equal to the one autocast saved."""
@@ -201,6 +205,14 @@ class _CastSource:
                 f"LMS freed its {self.dtype} cast that autocast saved for backward and "
                 "makes it again from the parameter, which would now give other values. "
                 "Modify parameters (e.g. optimizer.step()) only after the backward"
+            )
+        if p.untyped_storage()._cdata != self.storage:
+            raise LMSError(
+                f"a parameter ({p.dtype} {list(p.shape)}) had its data replaced (param.data "
+                "= ..., model.half()) between forward and backward. LMS freed its "
+                f"{self.dtype} cast that autocast saved for backward and makes it again from "
+                "the parameter, which would now give other values. Replace parameters' data "
+                "only after the backward"
             )
         with torch.no_grad():
             storage = p.detach().to(self.dtype).untyped_storage()

@@ -220,3 +220,17 @@ def test_a_cast_modified_in_place_before_it_is_saved_is_copied_not_recast():
         assert handle.activations.live_entries() == 0
     assert all(torch.equal(a, b) for a, b in zip(want, grads(model), strict=True))
     assert handle.stats().recasts == 0
+
+
+def test_parameter_data_replaced_between_forward_and_backward_raises():
+    # ``param.data = ...`` (also what model.half() does) bumps no version, but
+    # the cast made again from the new data would not be the one autocast saved.
+    model, x = mlp(), batch()
+    with lms.enable(model, limit=0, min_size=0, weights=False) as handle:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        model[2].weight.data = model[2].weight.data * 0.5
+        with pytest.raises(lms.LMSError, match="data replaced .* between forward and backward"):
+            loss.backward()
+        del loss
+        assert handle.activations.live_entries() == 0
