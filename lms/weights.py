@@ -91,7 +91,8 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   order raises ``LMSError`` instead of reducing a partial gradient. LMS ends
 #   its backward in a second end-of-backward callback, after the reducer's own,
 #   so gradients the reducer writes there (parameters unused on this rank) are
-#   taken too.
+#   taken too: such a gradient replaces whatever the accumulator held, and
+#   ``.grad`` shows it in phase HOST as it would without LMS.
 # Rule 9 (activations are not ours). The activation path never swaps a
 #   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
 #   which covers everything autograd saves from a shell; a copy made from a
@@ -684,7 +685,14 @@ class WeightPaging:
                 elif self.phase is Phase.DEVICE and p.grad is not None and p.grad is not pp.acc:
                     # Announced before LMS's own grad hook ran (the reducer's hook came
                     # first), or a parameter unused here that the reducer filled in.
-                    if pp.acc_valid:
+                    if not pp.grad_taken:
+                        # Unused here: _take_grad never ran, so the reducer made or
+                        # overwrote ``.grad`` (it was not the accumulator) and its value
+                        # is the whole gradient; acc_valid may be stale from an earlier
+                        # step. Taken, so that phase HOST shows it in ``.grad`` (Rule 8).
+                        pp.acc_valid = False
+                        pp.grad_taken = True
+                    elif pp.acc_valid:
                         raise LMSError(
                             f"the gradient reducer announced {pp.name!r} before LMS could "
                             "add the gradient it accumulated on the host, so the reduced "
