@@ -88,7 +88,9 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   reducer must see the whole sum, as without LMS: LMS's grad hook first adds
 #   the host-accumulated part into ``.grad`` on the device, so ``lms.enable``
 #   must come before ``ddl.wrap`` (hooks run in registration order); the other
-#   order raises ``LMSError`` instead of reducing a partial gradient. LMS ends
+#   order raises ``LMSError`` instead of reducing a partial gradient (once an
+#   announcement has come before LMS's hook, any later host-accumulated part
+#   raises, in the reducer's own no-sync step or in the synced one). LMS ends
 #   its backward in a second end-of-backward callback, after the reducer's own,
 #   so gradients the reducer writes there (parameters unused on this rank) are
 #   taken too: such a gradient replaces whatever the accumulator held, and
@@ -331,6 +333,15 @@ class _PagedModuleHook(ModelHook):
         return super().__reduce__()
 
 
+def _reducer_first_error(name: str) -> LMSError:
+    """NOTE [Weight paging] Rule 8: the reducer would reduce a partial gradient."""
+    return LMSError(
+        f"the gradient reducer announced {name!r} before LMS could add the gradient it "
+        "accumulated on the host, so the reduced value would miss it; call lms.enable "
+        "before ddl.wrap (LMS's hooks must run first) when accumulating gradients"
+    )
+
+
 def _mem_available() -> int:
     """Host bytes the OS says are available now (physical RAM if it does not say)."""
     try:
@@ -465,6 +476,7 @@ class WeightPaging:
         self._callback_queued: int | None = None
         self._ended_awaiting = False
         self._requeued = False
+        self._reducer_first = False  # grads_ready came before our grad hook (Rule 8)
         self._bwd_cursor: int | None = None
         self._create_graph = False  # this backward builds a graph of its own (Rule 15)
         self._optimizers: weakref.WeakSet = weakref.WeakSet()
@@ -692,13 +704,14 @@ class WeightPaging:
                         # step. Taken, so that phase HOST shows it in ``.grad`` (Rule 8).
                         pp.acc_valid = False
                         pp.grad_taken = True
-                    elif pp.acc_valid:
-                        raise LMSError(
-                            f"the gradient reducer announced {pp.name!r} before LMS could "
-                            "add the gradient it accumulated on the host, so the reduced "
-                            "value would miss it; call lms.enable before ddl.wrap (LMS's "
-                            "hooks must run first) when accumulating gradients"
-                        )
+                    else:
+                        # The reducer's hook runs before LMS's (wrapped before enable).
+                        # Harmless until the host holds part of a gradient: from now
+                        # on, a fold in _grad_hook would come after the reducer copied
+                        # the partial value, so it raises too.
+                        self._reducer_first = True
+                        if pp.acc_valid:
+                            raise _reducer_first_error(pp.name)
                     self.grads.send(pp)
             if self._ended_awaiting and not self._awaiting:
                 self._ended_awaiting = False
@@ -1036,6 +1049,9 @@ class WeightPaging:
             if self._deferred:
                 if param.grad is not None:
                     if pp.acc_valid:
+                        if self._reducer_first:
+                            # The reducer already copied this .grad, without the fold.
+                            raise _reducer_first_error(pp.name)
                         self.grads.fold(pp)  # Rule 8: the reducer sees the whole sum
                     self._awaiting.add(pp)
                 return

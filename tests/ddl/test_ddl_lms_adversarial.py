@@ -153,3 +153,49 @@ def test_paged_training_matches_ddp_bitwise():
             n_paged, same_losses, differ = r
             assert case.get("weights") is False or n_paged > 0, case
             assert same_losses and not differ, f"rank {rank}, case {case}: {differ}"
+
+
+def _wrap_then_enable(cases):
+    """ddl.wrap before lms.enable: ddl's grad hook then runs before LMS's."""
+    import lms
+
+    rank, out = ddl.rank(), []
+    for case in cases:
+        torch.manual_seed(0)
+        base = Net()
+        ref, mine = copy.deepcopy(base), copy.deepcopy(base)
+        ddp = DDP(ref, find_unused_parameters=True, bucket_cap_mb=0.01)
+        ref_losses = _train(ddp, ddp.no_sync, _optimizer("adamw", ref.parameters()), case, rank)
+        pager = []  # filled once LMS is on; the reducer's callback must exist before
+
+        def ready(params, pager=pager):
+            pager[0].grads_ready(params)
+
+        sync = ddl.wrap(mine, bucket_size="8KiB", grad_ready=ready, broadcast=False)
+        handle = lms.enable(mine, limit=0, min_size="1KiB", weights=True, device="cpu")
+        handle.weights.defer_grad_offload()
+        pager.append(handle.weights)
+        try:
+            losses = _train(mine, sync.no_sync, _optimizer("adamw", mine.parameters()), case, rank)
+            same = losses == ref_losses and all(
+                torch.equal(a, b)
+                for a, b in zip(ref.state_dict().values(), mine.state_dict().values())
+            )
+            out.append(("same" if same else "differ", ""))
+        except lms.LMSError as e:
+            out.append(("raised", str(e)))
+        sync.remove()
+        handle.remove()
+        if out[-1][0] == "raised":
+            break  # the backward raised after buckets went out: ddl needs a restart
+    return out
+
+
+def test_wrap_before_enable_is_exact_or_raises():
+    # Without accumulation the order does not matter; with it, every variant must
+    # raise rather than reduce a partial gradient (one no_sync micro-batch with
+    # set_to_none=True used to train on silently wrong gradients).
+    cases = [{"steps": 2}, {"steps": 2, "set_to_none": False}, {"steps": 2, "accum": 1}]
+    for per_rank in run_ranks(_wrap_then_enable, 2, cases):
+        assert [r[0] for r in per_rank] == ["same", "same", "raised"], per_rank
+        assert "call lms.enable before ddl.wrap" in per_rank[-1][1]
