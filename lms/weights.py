@@ -137,7 +137,9 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   failed backward, before the error reaches the caller, and its ``__del__``
 #   ends the backward then: ``.grad`` points at the accumulators again, holding
 #   what AccumulateGrad had summed before the error, exactly as without LMS, and
-#   the shells are released. (Checked on the CPU, where the backward runs on the
+#   the shells are released. The second callback of Rule 8 is a ``_BackwardEnd``
+#   too, so a reducer whose own end-of-backward raises (a collective that timed
+#   out) leaves the same state. (Checked on the CPU, where the backward runs on the
 #   caller's thread. On CUDA a device thread may drop the graph task a moment
 #   after the caller sees the error; not yet checked on a GPU.)
 # Rule 14 (``remove()`` mid-step). Between a forward and the end of its backward
@@ -1066,8 +1068,11 @@ class WeightPaging:
             if self._deferred and not self._requeued:
                 # Rule 8: run once more after the end-of-backward work that a reducer
                 # queued during this backward (it may still call grads_ready there).
+                # A _BackwardEnd again, not the bound method: if the reducer's own
+                # end raises (a failed collective), it is dropped unrun and Rule 13
+                # still ends this backward.
                 self._requeued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+                torch.autograd.Variable._execution_engine.queue_callback(_BackwardEnd(self))
                 return
             self._requeued = False
             self.grads.reap(block=True)

@@ -199,3 +199,53 @@ def test_wrap_before_enable_is_exact_or_raises():
     for per_rank in run_ranks(_wrap_then_enable, 2, cases):
         assert [r[0] for r in per_rank] == ["same", "same", "raised"], per_rank
         assert "call lms.enable before ddl.wrap" in per_rank[-1][1]
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed on purpose")
+
+
+def _backward_raises_on_rank_1():
+    import lms
+
+    rank = ddl.rank()
+    torch.manual_seed(0)
+    model = Net()
+    plain = copy.deepcopy(model)
+    handle, _ = _enable_and_wrap(model, {})
+    x, y = _batch(rank, 0)
+    out = model(x, False)
+    if rank == 1:
+        out = _RaiseInBackward.apply(out)
+    try:
+        nn.functional.cross_entropy(out, y).backward()
+        return "no error", None
+    except (RuntimeError, ddl.DDLError, lms.LMSError) as e:
+        error = f"{type(e).__name__}: {e}"
+    if rank == 1:
+        return error, None
+    # The waiting rank: ddl failed in its end-of-backward; LMS must have ended the
+    # backward anyway (NOTE [Weight paging] Rule 13), leaving what plain PyTorch
+    # leaves: readable parameters and the local, unreduced gradients in .grad.
+    nn.functional.cross_entropy(plain(x, False), y).backward()
+    same = all(
+        torch.equal(p.detach(), q.detach())
+        and (p.grad is None) == (q.grad is None)
+        and (p.grad is None or torch.equal(p.grad, q.grad))
+        for p, q in zip(model.parameters(), plain.parameters())
+    )
+    return error, same
+
+
+def test_backward_raising_on_one_rank_times_out_with_a_clear_error():
+    results = run_ranks(_backward_raises_on_rank_1, 2, ddl_timeout=3.0, deadline_s=60.0)
+    assert results[1][0].startswith("RuntimeError: backward failed on purpose")
+    error, same = results[0]
+    assert error.startswith("DDLError") and "ranks [1] did not arrive" in error, error
+    assert same, "after the failed backward, LMS left the paged parameters mid-step"
