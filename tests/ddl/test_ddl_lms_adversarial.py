@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import traceback
 
 import pytest
@@ -116,11 +117,75 @@ def _one_parity_case(case):
     return n_paged, losses == ref_losses, differ
 
 
+def _lifecycle_case(case):
+    """Train, remove both handles (in either order), enable and wrap again, train on."""
+    rank = ddl.rank()
+    torch.manual_seed(0)
+    base = Net()
+    ref, mine = copy.deepcopy(base), copy.deepcopy(base)
+    ddp = DDP(ref, find_unused_parameters=True, bucket_cap_mb=0.01)
+    ref_opt = _optimizer("adamw", ref.parameters())
+    ref_losses = _train(ddp, ddp.no_sync, ref_opt, case, rank)
+    ref_losses += _train(ddp, ddp.no_sync, ref_opt, case, rank, first_step=10)
+    opt = _optimizer("adamw", mine.parameters())
+    handle, sync = _enable_and_wrap(mine, case)
+    losses = _train(mine, sync.no_sync, opt, case, rank)
+    for h in (sync, handle) if case["lifecycle"] == "sync_first" else (handle, sync):
+        h.remove()
+    handle, sync = _enable_and_wrap(mine, case)
+    losses += _train(mine, sync.no_sync, opt, case, rank, first_step=10)
+    sync.remove()
+    handle.remove()
+    differ = [
+        n
+        for (n, a), b in zip(ref.state_dict().items(), mine.state_dict().values())
+        if not torch.equal(a, b)
+    ]
+    return 1, losses == ref_losses, differ
+
+
+def _resume_case(case):
+    """A checkpoint saved mid-training under LMS + ddl resumes into a fresh model exactly."""
+    rank = ddl.rank()
+    torch.manual_seed(0)
+    first = Net()
+    opt = _optimizer(case.get("opt"), first.parameters())
+    handle, sync = _enable_and_wrap(first, case)
+    _train(first, sync.no_sync, opt, case, rank)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
+    losses = _train(first, sync.no_sync, opt, case, rank, first_step=10)
+    sync.remove()
+    handle.remove()
+    torch.manual_seed(1)  # other weights: the checkpoint must overwrite them all
+    second = Net()
+    handle, sync = _enable_and_wrap(second, case)
+    opt = _optimizer(case.get("opt"), second.parameters())
+    buf.seek(0)
+    saved = torch.load(buf)
+    second.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    resumed = _train(second, sync.no_sync, opt, case, rank, first_step=10)
+    sync.remove()
+    handle.remove()
+    differ = [
+        n
+        for (n, a), b in zip(first.state_dict().items(), second.state_dict().values())
+        if not torch.equal(a, b)
+    ]
+    return 1, losses == resumed, differ
+
+
 def _parity(cases):
     out = []
     for case in cases:
         try:
-            out.append(_one_parity_case(case))
+            if "lifecycle" in case:
+                out.append(_lifecycle_case(case))
+            elif "resume" in case:
+                out.append(_resume_case(case))
+            else:
+                out.append(_one_parity_case(case))
         except Exception:  # reported per case; later cases may then fail in ddl too
             out.append(traceback.format_exc())
     return out
@@ -137,11 +202,15 @@ PARITY_CASES = [
     {"weights": "auto", "limit": "200KiB", "steps": 2},
     {"weights": False, "steps": 2},
     {"limit": "40KiB", "algorithm": "native", "steps": 2},
-    {"algorithm": "multiring", "steps": 2},
+    {"algorithm": "multiring", "steps": 1},
     {"algorithm": "hierarchical", "steps": 2},
-    {"algorithm": "auto", "steps": 2},
+    {"algorithm": "auto", "steps": 1},
     # Untied: see test_autocast_tied_weight_is_summed_in_fp32 for the tied case.
     {"bf16": True, "tied": False, "accum": 1, "steps": 2},
+    {"lifecycle": "sync_first", "steps": 1},
+    {"lifecycle": "lms_first", "steps": 1, "set_to_none": False},
+    {"resume": True, "steps": 2, "accum": 1},
+    {"resume": True, "steps": 2, "opt": "sgd", "weights": "auto", "limit": "200KiB"},
 ]
 
 
@@ -244,8 +313,41 @@ def _backward_raises_on_rank_1():
 
 
 def test_backward_raising_on_one_rank_times_out_with_a_clear_error():
-    results = run_ranks(_backward_raises_on_rank_1, 2, ddl_timeout=3.0, deadline_s=60.0)
+    results = run_ranks(_backward_raises_on_rank_1, 2, ddl_timeout=2.0, deadline_s=60.0)
     assert results[1][0].startswith("RuntimeError: backward failed on purpose")
     error, same = results[0]
     assert error.startswith("DDLError") and "ranks [1] did not arrive" in error, error
     assert same, "after the failed backward, LMS left the paged parameters mid-step"
+
+
+def _lms_against_plain_ddl(cases):
+    """Beyond 2 ranks ddl's sum order is not DDP's; LMS must still change nothing."""
+    rank, out = ddl.rank(), []
+    for case in cases:
+        torch.manual_seed(0)
+        base = Net()
+        plain, mine = copy.deepcopy(base), copy.deepcopy(base)
+        sync = ddl.wrap(plain, bucket_size="8KiB", algorithm=case["algorithm"], broadcast=False)
+        ref_losses = _train(
+            plain, sync.no_sync, _optimizer("adamw", plain.parameters()), case, rank
+        )
+        sync.remove()
+        handle, sync = _enable_and_wrap(mine, case)
+        losses = _train(mine, sync.no_sync, _optimizer("adamw", mine.parameters()), case, rank)
+        sync.remove()
+        handle.remove()
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(plain.state_dict().values(), mine.state_dict().values())
+        )
+        out.append(losses == ref_losses and same)
+    return out
+
+
+def test_three_ranks_lms_changes_nothing_in_ddl():
+    cases = [
+        {"algorithm": "native", "steps": 1, "accum": 1},
+        {"algorithm": "hierarchical", "steps": 1, "extra_rank": 2},
+    ]
+    for per_rank in run_ranks(_lms_against_plain_ddl, 3, cases):
+        assert per_rank == [True, True]
