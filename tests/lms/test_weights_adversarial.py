@@ -677,3 +677,29 @@ def test_model_to_after_enable_is_refused_clearly():
     paged.double()
     with pytest.raises(lms.LMSError, match="replaced or moved"):
         paged(torch.randn(2, 16, dtype=torch.double))
+
+
+def test_a_paged_weight_used_twice_under_autocast_is_cast_per_use():
+    # The README's one known non-bitwise case: LMS clears autocast's cache after each
+    # paged module, so a weight tied between two Linears is cast once per use and its
+    # gradients meet in fp32. That is bitwise what autocast gives with its cache off.
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False))
+        m[2].weight = m[0].weight
+        return m
+
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+
+    def weight_grad(model, cache_enabled=True):
+        with torch.autocast("cpu", torch.bfloat16, cache_enabled=cache_enabled):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        return model[0].weight.grad.clone()
+
+    cache_off = weight_grad(make(), cache_enabled=False)
+    model = make()
+    with lms.enable(model, limit=0, min_size=0, weights=True) as handle:
+        assert handle.weights.paged_names == ["0.weight"]
+        got = weight_grad(model)
+    assert torch.equal(got, cache_off)
