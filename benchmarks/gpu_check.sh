@@ -7,9 +7,10 @@
 # It runs the gpu-marked tests, the memory-versus-speed sweep on issue 3's reference model (the
 # configuration its targets are set for; about 90 s on an H100 by estimate), the quick variant of
 # the model-size benchmark (the full one, `python benchmarks/model_size.py`, is a separate call of
-# a few minutes), the hooks' host time per saved tensor and the end-to-end example under a memory
-# limit, each under its own time limit so the whole check stays under 8 minutes (ONLY=... reruns
-# a subset), and prints a summary table last. On a machine without CUDA it runs the same steps on
+# a few minutes), the hooks' host time per saved tensor, the link bytes of one block under
+# autocast, and the end-to-end example under a memory limit, each under its own time limit so
+# the whole check takes at most 8 min 5 s (ONLY=... reruns a subset), and prints a summary table
+# last. On a machine without CUDA it runs the same steps on
 # the CPU (the gpu tests then skip), which is how the script itself is checked in development.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,9 @@ step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.j
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 step hook_overhead 60 $PY benchmarks/hook_overhead.py --device "$DEV" --threads 0 --rounds 40 \
     --out "$OUT/hook_overhead.json"
+# What a block sends over the link at limit=0 under autocast, and what re-casting saves, as the
+# device's own kernels save it (seconds).
+step link_bytes 30 $PY benchmarks/link_bytes.py --device "$DEV" --out "$OUT/link_bytes.json"
 # The example under a limit far below the model's needs (~1.6 GB of fp32 weight and AdamW
 # state for the GPU size); on the CPU a tiny model keeps the step as a check of the script.
 if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

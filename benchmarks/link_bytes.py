@@ -17,7 +17,7 @@ Usage:
     python benchmarks/link_bytes.py
     python benchmarks/link_bytes.py --n-embd 2048 --n-head 16 --batch 8   # real shape, slow on CPU
 
-Writes JSON (``--out``).
+Writes JSON (``--out``), with a ``summary`` row for benchmarks/summarize.py.
 """
 
 from __future__ import annotations
@@ -96,7 +96,13 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(command=sys.argv, device=args.device, card=card, torch=torch.__version__)
-    out.write_text(json.dumps(dict(meta, date=stamp, args=vars(args), block=block), indent=1))
+    summary = dict(
+        copied_MiB=block["out_bytes"] / 2**20,
+        recast_MiB=block["recast_bytes"] / 2**20,
+        recast_share=share,
+    )
+    result = dict(meta, date=stamp, args=vars(args), block=block, summary=summary)
+    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
 
