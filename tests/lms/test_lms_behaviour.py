@@ -329,11 +329,12 @@ def test_stats_report():
     s = handle.stats()
     assert s.peak_device_bytes is None and s.stall_s >= 0 and s.limit_bytes == 0
     text = s.summary()
-    for word in ("limit", "peak resident", "swapped out", "swapped in", "host pool"):
+    for word in ("limit", "peak resident", "swapped out", "swapped in", "re-cast", "host pool"):
         assert word in text
     assert set(s.as_dict()) >= {
-        "swapped_out_bytes", "swapped_in_bytes", "swap_outs", "swap_ins",
-        "peak_resident_bytes", "peak_device_bytes", "stall_s", "pinned_allocs", "host_bytes",
+        "swapped_out_bytes", "swapped_in_bytes", "swap_outs", "swap_ins", "recasts",
+        "recast_bytes", "peak_resident_bytes", "peak_device_bytes", "stall_s", "pinned_allocs",
+        "host_bytes",
     }  # fmt: skip
 
 
