@@ -851,25 +851,18 @@ class WeightPaging:
 
     # -- residency -----------------------------------------------------------
 
-    def _fetch(self, pp: PagedParam, ahead: bool = False) -> None:
-        """Start filling ``pp``'s shell from its master (Rule 6); no wait.
-
-        ``ahead``: a prefetch, which a positive limit may refuse (NOTE [Weight paging
-        plan] Rule 4); ``_acquire`` fetches it when its module runs.
-        """
+    def _fetch(self, pp: PagedParam) -> None:
+        """Start filling ``pp``'s shell from its master (Rule 6); no wait."""
         if pp.where is not Where.OUT:
             return
         tr = self.rt.transfers
         with torch.profiler.record_function("lms::weights::h2d"):
             # Activations needed later than this module leave first (NOTE [Memory budget]
             # Rule 6); prefetches beyond the very next module fit in the headroom anyway.
-            budget = self.rt.budget
-            budget.make_room(pp.nbytes)
-            if ahead and budget.limit > 0 and budget.excess(pp.nbytes) > 0:
-                return  # nothing left to push out: fetched on demand, under the limit
+            self.rt.budget.make_room(pp.nbytes)
             storage = pp.storage()
             storage.resize_(pp.nbytes)  # on the compute stream
-            budget.charge(pp.nbytes)
+            self.rt.budget.charge(pp.nbytes)
             alias = torch.empty(0, dtype=pp.shell.dtype, device=pp.shell.device)
             alias.set_(storage, 0, pp.shell.shape, pp.shell.stride())
             pp.fill = tr.copy_in(alias, pp.master)
@@ -909,7 +902,7 @@ class WeightPaging:
         free = self.rt.budget.headroom()
         for m in prefetch_targets(order, pos, step, view, free, MAX_AHEAD, view):
             for pp in self._module_params[m]:
-                self._fetch(pp, ahead=True)
+                self._fetch(pp)
 
     # -- forward hooks -------------------------------------------------------
 

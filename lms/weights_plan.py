@@ -27,10 +27,6 @@ tested in one process without a device. ``lms/weights.py`` carries the plans out
 #   while the bytes fit in the free part of the budget, but always allow the
 #   very next module (one module's parameters must be resident to run at all;
 #   without that allowance ``limit=0`` would serialise every copy with compute).
-#   Under a positive limit the very next module's fetch first pushes out
-#   activations (NOTE [Memory budget] Rule 6); if that still leaves no room, it
-#   waits and is fetched when its module runs (lms/weights.py ``_fetch``), so
-#   forward stays under the limit at the price of a copy not overlapped.
 # Rule 5 (a limit must hold one module). A paged module runs with its paged
 #   parameters on the device, and its backward adds their gradients (same
 #   bytes). A positive limit below that for some module cannot be honoured at
