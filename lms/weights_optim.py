@@ -23,6 +23,11 @@
 #    Parameter objects, and the first step after enable moves any state they
 #    already keep on the device to the host (``remove()`` moves it back).
 #    ``capturable=True`` needs device parameters and is refused with advice.
+# 5. One device per LBFGS. ``torch.optim.LBFGS`` concatenates every gradient and
+#    update into one flat vector, so its parameters must share a device; a mix of
+#    paged (host) and resident (device) ones would fail inside ``torch.cat``, so it
+#    is refused with advice instead. The other ``torch.optim`` rules group tensors
+#    by device (Rule 1).
 """
 
 from __future__ import annotations
@@ -43,14 +48,15 @@ def _groups_with(opt: torch.optim.Optimizer, paged: Mapping[int, Any]) -> list[d
 
 
 def check_host_step(opt: torch.optim.Optimizer, paged: Mapping[int, Any]) -> None:
-    """Refuse settings that cannot step parameters on the host (Rule 4).
+    """Refuse settings that cannot step parameters on the host (Rules 4 and 5).
 
     Args:
         opt: the optimizer about to step.
         paged: ``id(param) -> anything`` for the paged parameters.
 
     Raises:
-        LMSError: for a ``capturable=True`` group holding paged parameters.
+        LMSError: for a ``capturable=True`` group holding paged parameters, or an
+            ``LBFGS`` whose parameters are on more than one device.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2))
@@ -61,6 +67,15 @@ def check_host_step(opt: torch.optim.Optimizer, paged: Mapping[int, Any]) -> Non
             raise LMSError(
                 f"{type(opt).__name__}(capturable=True) cannot step parameters LMS keeps on "
                 "the host; create the optimizer with capturable=False"
+            )
+    if isinstance(opt, torch.optim.LBFGS):
+        # Called in phase HOST: paged parameters are on the host, resident ones not.
+        devices = {p.device for g in opt.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise LMSError(
+                f"LBFGS flattens all its parameters into one vector, but LMS pages some of "
+                f"them to the host and keeps others on the device ({sorted(map(str, devices))}); "
+                "page all of them (weights=True, min_size=0) or none (weights=False)"
             )
 
 
