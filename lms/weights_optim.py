@@ -21,7 +21,8 @@
 #    about 5x slower, so LMS warns once per optimizer that offers the option.
 # 4. Optimizers made before ``lms.enable`` keep working: they hold the same
 #    Parameter objects, and the first step after enable moves any state they
-#    already keep on the device to the host (``remove()`` moves it back).
+#    already keep on the device to the host, tensors in lists too (LBFGS's
+#    history); ``remove()`` moves it back.
 #    ``capturable=True`` needs device parameters and is refused with advice.
 # 5. One device per LBFGS. ``torch.optim.LBFGS`` concatenates every gradient and
 #    update into one flat vector, so its parameters must share a device; a mix of
@@ -79,6 +80,14 @@ def check_host_step(opt: torch.optim.Optimizer, paged: Mapping[int, Any]) -> Non
             )
 
 
+def _moved(v: Any, dev: torch.device, keep_scalars: bool) -> Any:
+    if not isinstance(v, torch.Tensor) or v.device == dev:
+        return v
+    if keep_scalars and v.dim() == 0:
+        return v
+    return v.to(dev)
+
+
 def move_state(
     opt: torch.optim.Optimizer,
     paged: Mapping[int, Any],
@@ -107,12 +116,13 @@ def move_state(
             if id(p) not in paged or not state:
                 continue
             dev = target(p)
+            keep_scalars = not to_host and not device_scalars
             for k, v in list(state.items()):
-                if not isinstance(v, torch.Tensor) or v.device == dev:
-                    continue
-                if not to_host and v.dim() == 0 and not device_scalars:
-                    continue
-                state[k] = v.to(dev)
+                # LBFGS keeps its history as lists of tensors ("old_dirs", "ro", ...).
+                if isinstance(v, list):
+                    state[k] = [_moved(t, dev, keep_scalars) for t in v]
+                else:
+                    state[k] = _moved(v, dev, keep_scalars)
 
 
 def warn_if_unfused(opt: torch.optim.Optimizer, paged: Mapping[int, Any]) -> None:

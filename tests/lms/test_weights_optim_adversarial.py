@@ -16,7 +16,7 @@ from torch import nn, optim
 
 import lms
 from lms.errors import LMSError
-from lms.weights_optim import check_host_step
+from lms.weights_optim import check_host_step, move_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
@@ -159,6 +159,28 @@ def test_lbfgs_over_two_devices_is_refused_with_advice():
     with pytest.raises(LMSError, match="LBFGS.*min_size=0"):
         check_host_step(optim.LBFGS([host, dev]), {id(host): None})
     check_host_step(optim.LBFGS([host]), {id(host): None})  # one device: fine
+
+
+def test_lbfgs_history_made_before_enable_moves_with_the_state():
+    # LBFGS keeps old_dirs/old_stps/ro as lists of tensors; on an accelerator a
+    # history left on the device would meet host gradients in the next step.
+    # "meta" stands in for the host here.
+    p = nn.Parameter(torch.randn(4))
+    opt = optim.LBFGS([p], max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    state = opt.state[p]
+    assert state["old_dirs"] and state["ro"]  # the steps built a history
+    move_state(opt, {id(p): None}, lambda _: torch.device("meta"), to_host=True)
+    for key in ("old_dirs", "old_stps", "ro", "d", "prev_flat_grad"):
+        values = state[key] if isinstance(state[key], list) else [state[key]]
+        assert all(v.device.type == "meta" for v in values), key
 
 
 @pytest.mark.parametrize("fused", [False, True])
