@@ -1136,13 +1136,15 @@ class WeightPaging:
         if not any(id(p) in self._by_param for g in opt.param_groups for p in g["params"]):
             return
         with self.rt.lock:
-            # A step ends any graph: backward ran (or never will).
+            # A step normally ends the graph: backward ran (or never will). But a graph
+            # may still be pending, e.g. a GAN's generator output that goes through the
+            # discriminator after the discriminator's step: its tensors are alive, so
+            # their pre-backward hooks stay and fetch the weights again (as in
+            # _finish_backward); only the handles of tensors that are gone are dropped.
             self._enter_host()
             self._kept.clear()
             self._graph_pending = False
-            for handle in self._out_hooks:
-                handle.remove()
-            self._out_hooks.clear()
+            self._out_hooks = [h for h in self._out_hooks if h.hooks_dict_ref() is not None]
             check_host_step(opt, self._by_param)
             self._optimizers.add(opt)
             move_state(opt, self._by_param, self._state_home(True), to_host=True)

@@ -320,12 +320,6 @@ def test_reassigning_param_data_in_a_hand_written_step_is_refused_clearly():
         paged(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="lms/weights.py _optimizer_pre drops the pre-backward hooks of graphs still "
-    "pending, so their backward reads released shells (setStorage ... size 0)",
-)
 def test_gan_discriminator_step_before_generator_backward():
     # The DCGAN tutorial's loop: G's forward, D's step, then G's backward through D.
     # Without LMS this is valid (optD never touches G's parameters).
