@@ -227,13 +227,7 @@ class GradSync:
                 "(or use it as a context manager) before wrapping again"
             )
         for n, p in named:
-            g = s.group_for(p.device)
-            if g is s.world and p.device.type != s.device.type:
-                raise DDLError(
-                    f"ddl.wrap: parameter {n!r} is on {p.device}, but the {s.backend} job "
-                    f"reduces {s.device.type} tensors; move the model to {s.device} (or "
-                    "to the CPU, which uses Gloo), or launch with the matching backend"
-                )
+            s.check_reducible(p.device, f"ddl.wrap: parameter {n!r}", "the model")
         self._config = config
         self._grad_ready = grad_ready
         self._lock = threading.RLock()

@@ -185,13 +185,8 @@ def allreduce_async(
         a = flat_array(x, "ddl.allreduce")
         if op == "mean" and not a.dtype.is_floating_point:
             raise DDLError(f"{what}: op='mean' needs a floating dtype, got {a.dtype}; use op='sum'")
+        s.check_reducible(a.device, f"{what}: tensor", "it")
         group = s.group_for(a.device)
-        if group is s.world and a.device.type != s.device.type:
-            raise DDLError(
-                f"{what}: tensor is on {a.device}, but the {s.backend} job reduces "
-                f"{s.device.type} tensors; move it to {s.device} (or to the CPU, which uses "
-                "Gloo)"
-            )
         concrete = resolve_algorithm(algorithm, a.numel * a.dtype.itemsize, s.topology)
     except Exception as e:
         if do_check:

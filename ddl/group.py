@@ -91,6 +91,20 @@ class _State:
         """Host tensors go over Gloo; device tensors over the job's backend."""
         return self.cpu if device.type == "cpu" else self.world
 
+    def check_reducible(self, device: torch.device, subject: str, move: str) -> None:
+        """Refuse data on a device kind the job's backend does not reduce.
+
+        Host tensors always go over Gloo (``group_for``); device tensors need the
+        job's own kind (a CUDA tensor cannot go over a Gloo job, nor an XPU one over
+        NCCL). ``subject`` names the data in the message, ``move`` what to move.
+        """
+        if self.group_for(device) is self.world and device.type != self.device.type:
+            raise DDLError(
+                f"{subject} is on {device}, but the {self.backend} job reduces "
+                f"{self.device.type} tensors; move {move} to {self.device} (or to the CPU, "
+                "which uses Gloo), or launch with the matching backend"
+            )
+
     def down_for(self, group: Any) -> Any:
         """The group for messages to lower ranks when ``group`` is Gloo (rule 7), else None."""
         return self.cpu_down if group is self.cpu else None
