@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from failing_backward import FailsInBackward
+from paged_twins import enable_paging as enable
+from paged_twins import twins
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -37,15 +39,7 @@ class MLP(nn.Module):
 
 
 def pair(make=MLP, seed=0):
-    torch.manual_seed(seed)
-    base = make()
-    return base, copy.deepcopy(base)
-
-
-def enable(model, limit=0, min_size=0):
-    handle = lms.enable(model, limit=limit, min_size=min_size, weights=True)
-    assert handle.weights is not None and handle.weights.paged_names
-    return handle
+    return twins(make, seed)
 
 
 def weights_only(model):

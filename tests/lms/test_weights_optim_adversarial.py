@@ -12,9 +12,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from paged_twins import enable_paging as enable
+from paged_twins import twins
 from torch import nn, optim
 
-import lms
 from lms.errors import LMSError
 from lms.weights_optim import check_host_step, move_state
 
@@ -39,18 +40,6 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def pair(seed=0):
-    torch.manual_seed(seed)
-    base = Net()
-    return base, copy.deepcopy(base)
-
-
-def enable(model, limit=0, min_size=0):
-    handle = lms.enable(model, limit=limit, min_size=min_size, weights=True)
-    assert handle.weights is not None and handle.weights.paged_names
-    return handle
-
-
 def data(n, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -60,7 +49,7 @@ def data(n, seed=1):
 
 def both(loop, **kw):
     """Run ``loop(model)`` without and with LMS; its returned tensors and the params must match."""
-    base, paged = pair()
+    base, paged = twins(Net)
     enable(paged, **kw)
     lb, lp = loop(base), loop(paged)
     assert len(lb) == len(lp)
@@ -310,7 +299,7 @@ def test_hand_written_sgd_without_an_optimizer():
 
 
 def test_reassigning_param_data_in_a_hand_written_step_is_refused_clearly():
-    _, paged = pair()
+    _, paged = twins(Net)
     enable(paged)
     x, y = data(1)[0]
     F.cross_entropy(paged(x), y).backward()
