@@ -34,8 +34,10 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   changed order costs time, never correctness. A module whose outputs carry no
 #   grad cannot get a pre-backward hook; its parameters stay resident until the
 #   backward ends. A weight read outside the forward of a module that owns it
-#   (``x @ self.wte.weight.T`` in a parent) meets an empty storage and fails
-#   loudly; ``register_external_parameter`` declares such a use. LMS declares the
+#   (``x @ self.wte.weight.T`` in a parent) is fetched then by its guard (Rule 16)
+#   and held until the backward ends, with a warning; ``register_external_parameter``
+#   declares such a use, so that the parent's own hooks fetch, prefetch and release
+#   it. LMS declares the
 #   one such use inside torch.nn itself: ``nn.MultiheadAttention`` reads
 #   ``out_proj``'s weights in its own forward and never calls ``out_proj``. LMS's
 #   pre-hook is the first of a module's forward pre-hooks, so a user's pre-hook
@@ -161,6 +163,15 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   ``backward(create_graph=True)`` that gives a paged parameter a differentiable
 #   ``.grad`` is refused with ``LMSError``: the host accumulator cannot carry a
 #   graph.
+# Rule 16 (reads no hook sees). In phase DEVICE a paged parameter whose shell is
+#   not resident (OUT or FILLING) wears the pager's guard class (NOTE [Guarded
+#   parameters] in lms/weights_guard.py): ``_enter_device`` and ``_release`` put it
+#   on, ``_acquire`` takes it off, and so do ``_enter_host`` and ``remove()``. A
+#   read by code outside the owning modules (an L2 penalty after the forward, a
+#   norm logged, a parent's forward, a custom Function's backward) then acquires
+#   the parameter and holds it until the backward ends, since that code may have
+#   saved it for backward where no LMS hook sees the use. Correct, at the cost of
+#   a blocking copy and of that parameter's device memory; LMS warns once.
 """
 
 from __future__ import annotations
@@ -169,6 +180,7 @@ import enum
 import functools
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -184,6 +196,7 @@ from .pool import HostBlock
 from .runtime import ModelHook
 from .transfer import Copy
 from .weights_grads import GradOffload, typed_view
+from .weights_guard import GUARDABLE, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_plan import (
     ModuleNeed,
@@ -251,6 +264,8 @@ class PagedParam:
         self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
         self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
         self.armed = False  # its gradient hooks are installed (Rule 5)
+        # NOTE [Guarded parameters] Rule 4: only an exact nn.Parameter is ever guarded.
+        self.guardable = type(param) is GUARDABLE
 
     def storage(self) -> torch.UntypedStorage:
         return self.shell.untyped_storage()
@@ -322,7 +337,8 @@ class _PagedModuleHook(ModelHook):
                 p = pp.param
                 if id(p) not in memo:
                     # What Parameter.__deepcopy__ makes, from the real values.
-                    memo[id(p)] = type(p)(pp.master.clone(), p.requires_grad)
+                    cls = GUARDABLE if pp.guardable else type(p)  # never the guard class
+                    memo[id(p)] = cls(pp.master.clone(), p.requires_grad)
         return super().__reduce__()[0]()  # the no-op a copied ModelHook becomes
 
     def __reduce__(self) -> tuple:
@@ -485,6 +501,9 @@ class WeightPaging:
         self._warned: weakref.WeakSet = weakref.WeakSet()
         self._removed = False
         self._storage_ptrs: set[int] = set()
+        # NOTE [Guarded parameters]: the class of a parameter whose storage is not resident.
+        self._guard = guard_class(self._outside_read)
+        self._warned_outside = False
         # Fills found in flight when a module needed them, and fills issued only
         # when it did (a stall): how well the learned order predicts.
         self.prefetched = 0
@@ -627,6 +646,7 @@ class WeightPaging:
         # The model's own post-hook must run before _root_post, which reads its effect.
         post = ModelHook(functools.partial(self._mod_post, idx), NO_COMPILE)
         h.append(module.register_forward_hook(post, always_call=True, prepend=module is self.model))
+        h.append(module.register_state_dict_pre_hook(ModelHook(self._state_dict_pre_hook)))
         h.append(module._register_state_dict_hook(ModelHook(self._state_dict_hook)))
         h.append(module._register_load_state_dict_pre_hook(ModelHook(self._load_pre_hook)))
         return idx
@@ -638,9 +658,10 @@ class WeightPaging:
 
         A paged parameter is resident only while a module that owns it runs (Rule 3).
         Code such as ``x @ self.wte.weight.T`` in a parent's forward reads it outside
-        its owner and fails loudly (PyTorch: "data is not allocated", or "out of bounds
-        for storage of size 0"), never silently; declaring it here makes
-        ``module`` fetch it too (DeepSpeed ZeRO-3 has the same call).
+        its owner; undeclared, the read is fetched by the guard (Rule 16) and holds the
+        weight on the device until the backward ends. Declaring it here makes
+        ``module``'s hooks fetch, prefetch and release it instead (DeepSpeed ZeRO-3 has
+        the same call).
 
         Args:
             module: a submodule of the model (or the model) whose forward reads ``param``.
@@ -742,6 +763,8 @@ class WeightPaging:
             if self._removed:
                 return
             self._removed = True
+            for pp in self.paged:
+                self._set_guard(pp, False)  # Rule 16
             self._awaiting_flush()
             device = self.rt.device if to_device else torch.device("cpu")
             # Rule 14: mid-step, autograd holds views of the shells; fill them and
@@ -809,6 +832,8 @@ class WeightPaging:
             # backward still acts on it; _take_grad moves it aside (Rule 5).
             p.data = pp.shell
         self.phase = Phase.DEVICE
+        for pp in self.paged:
+            self._set_guard(pp, pp.where is not Where.RESIDENT)  # Rule 16
         if self._graph_pending:
             for pp in self._kept:
                 self._acquire(pp)
@@ -828,6 +853,7 @@ class WeightPaging:
         self.rt.transfers.synchronize()  # Rule 6: host code reads and writes next
         for pp in self.paged:
             p = pp.param
+            self._set_guard(pp, False)  # Rule 16: the masters are always readable
             p.data = pp.master
             if pp.grad_taken:
                 p.grad = pp.acc if pp.acc_valid else None
@@ -879,6 +905,7 @@ class WeightPaging:
             self.rt.transfers.wait(pp.fill)
             pp.fill = None
             pp.where = Where.RESIDENT
+            self._set_guard(pp, False)  # Rule 16
 
     def _release(self, pp: PagedParam) -> None:
         """Free ``pp``'s device storage (Rule 4); waits for an unused fill first."""
@@ -891,6 +918,34 @@ class WeightPaging:
         self.rt.budget.release(pp.nbytes)
         pp.where = Where.OUT
         pp.held = False
+        self._set_guard(pp, self.phase is Phase.DEVICE)  # Rule 16
+
+    def _set_guard(self, pp: PagedParam, on: bool) -> None:
+        """Put the guard class on ``pp``'s parameter, or give it its own (Rule 16)."""
+        if pp.guardable:
+            pp.param.__class__ = self._guard if on else GUARDABLE
+
+    def _outside_read(self, p: nn.Parameter) -> None:
+        """A torch function is about to read a guarded parameter (Rule 16)."""
+        with self.rt.lock:
+            pp = self._by_param.get(id(p))
+            if pp is None or self.phase is not Phase.DEVICE:
+                p.__class__ = GUARDABLE  # removed, or between steps: the data is readable
+                return
+            self._acquire(pp)
+            pp.held = True
+            if not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn(
+                    f"LMS fetched paged parameter {pp.name!r} for a read outside the modules "
+                    "that own it, between a forward and the end of its backward (an L2 "
+                    "penalty, a logged norm, a parent module's forward, ...); it stays on the "
+                    "device until the backward ends, at the cost of a blocking copy and its "
+                    "device memory. Use the optimizer's weight_decay, read parameters between "
+                    "steps, or declare a parent's use with "
+                    "handle.weights.register_external_parameter(module, param)",
+                    stacklevel=user_stacklevel(),
+                )
 
     def _prefetch(self, order: list[int], pos: int | None, step: int) -> None:
         if pos is None or not order:
@@ -1099,10 +1154,9 @@ class WeightPaging:
     def _show_grad(self, pp: PagedParam) -> None:
         """Point ``.grad`` at the accumulator again (or None), in phase DEVICE too."""
         p = pp.param
-        shell = p.data
         p.data = pp.master  # .grad must match the data's device when assigned
         p.grad = pp.acc if pp.acc_valid else None
-        p.data = shell
+        p.data = pp.shell  # phase DEVICE: the data is the shell (Rule 1)
         pp.grad_taken = False
 
     def _backward_abandoned(self) -> None:
@@ -1157,15 +1211,26 @@ class WeightPaging:
             return lambda p: self._by_param[id(p)].master.device
         return lambda p: self.rt.device
 
+    def _state_dict_pre_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        # ``state_dict`` detaches each parameter, a read to the guard (Rule 16), while
+        # the post-hook below puts the masters in its place: take the guard off first.
+        for p in module._parameters.values():
+            pp = self._by_param.get(id(p)) if p is not None else None
+            if pp is not None:
+                self._set_guard(pp, False)
+
     def _state_dict_hook(
         self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict
     ) -> None:
         # The masters always hold the real values, whatever the phase (Rule 1).
         for name, p in module._parameters.items():
             pp = self._by_param.get(id(p)) if p is not None else None
+            if pp is None:
+                continue
             key = prefix + name
-            if pp is not None and key in state_dict and self.phase is Phase.DEVICE:
+            if key in state_dict and self.phase is Phase.DEVICE:
                 state_dict[key] = pp.master
+            self._set_guard(pp, self.phase is Phase.DEVICE and pp.where is not Where.RESIDENT)
 
     def _load_pre_hook(
         self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any

@@ -170,3 +170,30 @@ def test_stream_race_with_delayed_weight_copies(monkeypatch):
         stats = handle.stats()
         # The delayed fills cannot have landed when forward needs them: compute waited.
         assert stats.stall_s > 0, stats.as_dict()
+
+
+@pytest.mark.filterwarnings("ignore:LMS fetched paged parameter")
+def test_cuda_l2_penalty_after_the_forward_reads_fetched_weights_bitwise():
+    # NOTE [Guarded parameters]: on CUDA a read of released storage would be an
+    # illegal address; the guard fetches the weight on the compute stream instead.
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    x, y = batch()
+
+    def penalized(m):
+        m.zero_grad(set_to_none=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = m(x, y)
+            loss = loss + 1e-4 * sum(p.pow(2).sum() for p in m.parameters())
+            loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach(), {n: p.grad.detach().cpu() for n, p in m.named_parameters()}
+
+    want_loss, want = penalized(model)
+    with lms.enable(model, limit=tight_limit(model), min_size="64KiB", weights=True) as handle:
+        for _ in range(2):
+            loss, got = penalized(model)
+            assert torch.equal(loss, want_loss)
+            for n in want:
+                assert torch.equal(want[n], got[n]), n
+        assert all(pp.where is Where.OUT for pp in handle.weights.paged)

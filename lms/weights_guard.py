@@ -1,0 +1,197 @@
+"""Reads of paged parameters whose device storage is released: fetched, never crashed.
+
+# NOTE [Guarded parameters]
+#
+# Rule 1 (why). Between a training forward and the end of its backward a paged
+#   parameter's ``.data`` is its device shell (NOTE [Weight paging] Rule 1), and
+#   the shell's storage is 0 bytes except while a module that owns it runs or
+#   backward needs it. Code LMS does not hook can read it then: an L2 penalty
+#   summed over ``model.parameters()`` after the forward, a weight norm logged, a
+#   parent's forward computing ``x @ self.wte.weight.T``, a custom autograd
+#   Function's backward. PyTorch kernels read a 0-byte storage without a check:
+#   on the CPU that was a segmentation fault, on CUDA it would be an illegal
+#   address that poisons the context.
+# Rule 2 (how). While its storage is not resident the parameter's class is a
+#   subclass of ``nn.Parameter`` made for its pager (``guard_class``) with a
+#   ``__torch_function__``: every torch function that reads it first asks the
+#   pager to fetch it (``on_read``), then runs as plain tensors. The pager makes
+#   it resident and holds it until the backward ends (the read may have saved it
+#   for backward, where no hook of LMS sees the use), and gives it back its own
+#   class. So a guarded read costs one blocking copy and device memory until the
+#   backward ends, and the pager warns once. ``__class__`` is swapped, not a
+#   thread-local mode pushed: backward runs on autograd's own threads on CUDA,
+#   and a mode pushed inside a user's ``with torch.device(...)`` block would be
+#   popped by its exit in the wrong order.
+# Rule 3 (what counts as a read). Reading metadata (shape, dtype, ``.grad``,
+#   ``requires_grad``, the storage object), setting ``.grad`` or ``.data``, making
+#   an uninitialized tensor like it (``torch.zeros_like(p)``, ``p.new_empty``),
+#   passing it as the template of ``x.view_as(p)`` or as ``inputs=`` to
+#   ``torch.autograd.grad`` read no values and fetch nothing: a reducer's hooks
+#   and ``optimizer.zero_grad()`` between forward and backward stay cheap.
+#   Anything else, a view or ``.detach()`` included (they alias the storage and
+#   may be read later), fetches.
+# Rule 4 (only exact ``nn.Parameter``). A parameter of another subclass may have
+#   its own ``__torch_function__``, which a swap would bypass; such parameters are
+#   never guarded (a read of their released storage still crashes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["GUARDABLE", "guard_class", "user_stacklevel"]
+
+# Rule 4: the only parameter class that is ever swapped.
+GUARDABLE = nn.Parameter
+
+_T = torch.Tensor
+
+
+def _getset(kind: str, names: tuple[str, ...]) -> set[Any]:
+    # Some attributes are newer than the oldest torch we support (``itemsize``).
+    return {getattr(getattr(_T, n), kind) for n in names if hasattr(_T, n)}
+
+
+# Rule 3: functions that read no values of any tensor argument.
+_NO_READ = frozenset(
+    _getset(
+        "__get__",
+        (
+            "grad",
+            "requires_grad",
+            "shape",
+            "dtype",
+            "device",
+            "is_leaf",
+            "grad_fn",
+            "layout",
+            "ndim",
+            "is_cuda",
+            "is_cpu",
+            "is_meta",
+            "is_sparse",
+            "is_quantized",
+            "is_nested",
+            "itemsize",
+            "nbytes",
+            "_version",
+            "output_nr",
+        ),
+    )
+    | _getset("__set__", ("grad", "requires_grad", "data"))
+    | {
+        _T.size,
+        _T.dim,
+        _T.numel,
+        _T.nelement,
+        _T.stride,
+        _T.element_size,
+        _T.is_contiguous,
+        _T.is_floating_point,
+        _T.is_complex,
+        _T.get_device,
+        _T.data_ptr,
+        _T.storage_offset,
+        _T.untyped_storage,  # a storage's own accessors check its (0-byte) size
+        _T.requires_grad_,
+        _T.register_hook,
+        _T.register_post_accumulate_grad_hook,
+        _T.retain_grad,
+        _T.__len__,
+        _T.new_empty,
+        _T.new_zeros,
+        _T.new_ones,
+        _T.new_full,
+        torch.empty_like,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        # Parameters passed as ``inputs`` name where gradients go; what backward
+        # reads, it reads through autograd, whose hooks fetch (NOTE [Weight paging]).
+        torch.autograd.grad,
+        torch.autograd.backward,
+        _T.backward,
+    }
+)
+# Rule 3: functions that read their first argument only; the others give a shape or dtype.
+_FIRST_ONLY = frozenset({_T.view_as, _T.expand_as, _T.reshape_as, _T.type_as})
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by the caller: the first frame outside torch and LMS.
+
+    A guarded read reaches the pager through torch's dispatch, a varying number of
+    frames below the user's line.
+    """
+    internal = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def guard_class(on_read: Callable[[nn.Parameter], None]) -> type[nn.Parameter]:
+    """A subclass of ``nn.Parameter`` whose instances are fetched before any read.
+
+    NOTE [Guarded parameters] Rule 2. Assign it to a parameter's ``__class__`` while
+    its storage is released; ``on_read(param)`` must make the storage resident and
+    give the parameter its own class back.
+
+    Args:
+        on_read: called with each instance a torch function is about to read. Held
+            weakly when it is a bound method, so the class does not keep its pager alive.
+
+    Returns:
+        The class, with the same layout as ``nn.Parameter``.
+
+    Example:
+        >>> p = nn.Parameter(torch.ones(2))
+        >>> def fetch(q):
+        ...     print("fetch")
+        ...     q.__class__ = nn.Parameter
+        >>> p.__class__ = guard_class(fetch)
+        >>> p.shape
+        torch.Size([2])
+        >>> float(p.sum())
+        fetch
+        2.0
+    """
+    ref = weakref.WeakMethod(on_read) if hasattr(on_read, "__self__") else lambda: on_read
+
+    class PagedParameter(GUARDABLE):
+        __slots__ = ()
+
+        @classmethod
+        def __torch_function__(
+            cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            if func not in _NO_READ:
+                read = args[:1] if func in _FIRST_ONLY else (args, kwargs)
+                fetch = ref()
+                for t in tree_leaves(read):
+                    if type(t) is cls and fetch is not None:
+                        fetch(t)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+
+        def __deepcopy__(self, memo: dict) -> nn.Parameter:
+            # As nn.Parameter.__deepcopy__ (``.data`` is a read, so fetched), but the
+            # copy is a plain Parameter that does not belong to the pager.
+            if id(self) not in memo:
+                data = self.data.clone(memory_format=torch.preserve_format)
+                memo[id(self)] = GUARDABLE(data, self.requires_grad)
+            return memo[id(self)]
+
+    return PagedParameter
