@@ -1,4 +1,4 @@
-"""Helpers for the weight-paging tests: a model and its copy, and paging that must engage.
+"""Helpers for the weight-paging tests: a small model, its copy, and paging that must engage.
 
 Test modules in this directory import it by plain name, as they do ``failing_backward``.
 """
@@ -6,8 +6,23 @@ Test modules in this directory import it by plain name, as they do ``failing_bac
 import copy
 
 import torch
+from torch import nn
 
 import lms
+
+
+class MLP(nn.Module):
+    """Tanh layers and a head: every module pages its weight and bias at ``limit=0``."""
+
+    def __init__(self, d=16, n=3, out=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
 
 
 def twins(make, seed=0):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from failing_backward import FailsInBackward
+from paged_twins import MLP, twins
 from paged_twins import enable_paging as enable
-from paged_twins import twins
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -24,18 +24,6 @@ from lms.runtime import Runtime
 from lms.weights import Phase, attach_weight_paging
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
-
-
-class MLP(nn.Module):
-    def __init__(self, d=16, n=3, out=4):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-        self.head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
 
 
 def pair(make=MLP, seed=0):
