@@ -172,6 +172,18 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   the parameter and holds it until the backward ends, since that code may have
 #   saved it for backward where no LMS hook sees the use. Correct, at the cost of
 #   a blocking copy and of that parameter's device memory; LMS warns once.
+# Rule 17 (writes to a shell reach the master). Code may write a resident shell in
+#   place in phase DEVICE: ``nn.Embedding(max_norm=...)`` renormalizes the rows it
+#   looks up in its forward, and a user may scale or clamp a parameter that
+#   backward does not read between forward and backward, as plain PyTorch allows.
+#   The master holds the values the next step starts from (Rule 1), so before a
+#   written shell is released (and before ``state_dict()``, a deepcopy or
+#   ``remove()`` reads the master) it is copied into the master. Written means
+#   the parameter's version counter moved since the fill (in-place ops on it, its
+#   views and ``.detach()``), or that the guard handed out ``.data`` (Rule 16),
+#   whose writes move no counter. Unseen: a write through ``.data`` taken while
+#   the shell was resident (inside the owning module's forward, or after a guarded
+#   read fetched it); that write is lost when the shell is released.
 """
 
 from __future__ import annotations
@@ -196,7 +208,7 @@ from .pool import HostBlock
 from .runtime import ModelHook
 from .transfer import Copy
 from .weights_grads import GradOffload, typed_view
-from .weights_guard import GUARDABLE, guard_class, user_stacklevel
+from .weights_guard import DATA_GET, GUARDABLE, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_plan import (
     ModuleNeed,
@@ -264,6 +276,10 @@ class PagedParam:
         self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
         self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
         self.armed = False  # its gradient hooks are installed (Rule 5)
+        # Rule 17: the parameter's version when its shell was last filled, and whether
+        # it was handed out through ``.data`` (whose writes bump no version) since.
+        self.version = 0
+        self.data_taken = False
         # NOTE [Guarded parameters] Rule 4: only an exact nn.Parameter is ever guarded.
         self.guardable = type(param) is GUARDABLE
 
@@ -335,6 +351,7 @@ class _PagedModuleHook(ModelHook):
         with self.pager.rt.lock:
             for pp in self.params:
                 p = pp.param
+                self.pager._write_back(pp)  # Rule 17: a write to the resident shell
                 if id(p) not in memo:
                     # What Parameter.__deepcopy__ makes, from the real values.
                     cls = GUARDABLE if pp.guardable else type(p)  # never the guard class
@@ -773,6 +790,7 @@ class WeightPaging:
             if keep_shells:
                 for pp in self.paged:
                     self._acquire(pp)
+                    self._write_back(pp)  # Rule 17: to_device=False copies the master
             self._enter_host(release=not keep_shells)
             for handle in self._handles + self._out_hooks:
                 handle.remove()
@@ -905,6 +923,8 @@ class WeightPaging:
             self.rt.transfers.wait(pp.fill)
             pp.fill = None
             pp.where = Where.RESIDENT
+            pp.version = pp.param._version  # Rule 17
+            pp.data_taken = False
             self._set_guard(pp, False)  # Rule 16
 
     def _release(self, pp: PagedParam) -> None:
@@ -914,19 +934,32 @@ class WeightPaging:
         if pp.where is Where.FILLING:
             self.rt.transfers.wait(pp.fill)
             pp.fill = None
+        self._write_back(pp)
         pp.storage().resize_(0)
         self.rt.budget.release(pp.nbytes)
         pp.where = Where.OUT
         pp.held = False
         self._set_guard(pp, self.phase is Phase.DEVICE)  # Rule 16
 
+    def _write_back(self, pp: PagedParam) -> None:
+        """Copy a resident shell that was written in place into its master (Rule 17)."""
+        if pp.where is not Where.RESIDENT or self.phase is not Phase.DEVICE:
+            return
+        if pp.param._version == pp.version and not pp.data_taken:
+            return
+        with torch.no_grad():
+            # On the compute stream, where the write ran; blocking, so the host sees it.
+            pp.master.copy_(pp.shell)
+        pp.version = pp.param._version
+        pp.data_taken = False
+
     def _set_guard(self, pp: PagedParam, on: bool) -> None:
         """Put the guard class on ``pp``'s parameter, or give it its own (Rule 16)."""
         if pp.guardable:
             pp.param.__class__ = self._guard if on else GUARDABLE
 
-    def _outside_read(self, p: nn.Parameter) -> None:
-        """A torch function is about to read a guarded parameter (Rule 16)."""
+    def _outside_read(self, p: nn.Parameter, func: Any = None) -> None:
+        """A torch function ``func`` is about to read a guarded parameter (Rule 16)."""
         with self.rt.lock:
             pp = self._by_param.get(id(p))
             if pp is None or self.phase is not Phase.DEVICE:
@@ -934,6 +967,8 @@ class WeightPaging:
                 return
             self._acquire(pp)
             pp.held = True
+            # Rule 17: a write through ``.data`` bumps no version; copy back to be sure.
+            pp.data_taken = func == DATA_GET
             if not self._warned_outside:
                 self._warned_outside = True
                 warnings.warn(
@@ -1229,6 +1264,7 @@ class WeightPaging:
                 continue
             key = prefix + name
             if key in state_dict and self.phase is Phase.DEVICE:
+                self._write_back(pp)  # Rule 17: a write to the resident shell
                 state_dict[key] = pp.master
             self._set_guard(pp, self.phase is Phase.DEVICE and pp.where is not Where.RESIDENT)
 

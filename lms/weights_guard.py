@@ -29,7 +29,9 @@
 #   ``torch.autograd.grad`` read no values and fetch nothing: a reducer's hooks
 #   and ``optimizer.zero_grad()`` between forward and backward stay cheap.
 #   Anything else, a view or ``.detach()`` included (they alias the storage and
-#   may be read later), fetches.
+#   may be read later), fetches. ``on_read`` learns which function read, so that
+#   the pager can copy back what is written through ``.data`` (NOTE [Weight
+#   paging] Rule 17).
 # Rule 4 (only exact ``nn.Parameter``). A parameter of another subclass may have
 #   its own ``__torch_function__``, which a swap would bypass; such parameters are
 #   never guarded (a read of their released storage still crashes).
@@ -47,12 +49,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["GUARDABLE", "guard_class", "user_stacklevel"]
+__all__ = ["DATA_GET", "GUARDABLE", "guard_class", "user_stacklevel"]
 
 # Rule 4: the only parameter class that is ever swapped.
 GUARDABLE = nn.Parameter
 
 _T = torch.Tensor
+# ``param.data``: an alias whose writes bump no version counter (passed to ``on_read``).
+DATA_GET = _T.data.__get__
 
 
 def _getset(kind: str, names: tuple[str, ...]) -> set[Any]:
@@ -141,15 +145,16 @@ def user_stacklevel() -> int:
     return level
 
 
-def guard_class(on_read: Callable[[nn.Parameter], None]) -> type[nn.Parameter]:
+def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Parameter]:
     """A subclass of ``nn.Parameter`` whose instances are fetched before any read.
 
     NOTE [Guarded parameters] Rule 2. Assign it to a parameter's ``__class__`` while
-    its storage is released; ``on_read(param)`` must make the storage resident and
-    give the parameter its own class back.
+    its storage is released; ``on_read(param, func)`` must make the storage resident
+    and give the parameter its own class back.
 
     Args:
-        on_read: called with each instance a torch function is about to read. Held
+        on_read: called with each instance the torch function ``func`` is about to
+            read (``func`` is ``DATA_GET`` for ``param.data``). Held
             weakly when it is a bound method, so the class does not keep its pager alive.
 
     Returns:
@@ -157,7 +162,7 @@ def guard_class(on_read: Callable[[nn.Parameter], None]) -> type[nn.Parameter]:
 
     Example:
         >>> p = nn.Parameter(torch.ones(2))
-        >>> def fetch(q):
+        >>> def fetch(q, func):
         ...     print("fetch")
         ...     q.__class__ = nn.Parameter
         >>> p.__class__ = guard_class(fetch)
@@ -182,7 +187,7 @@ def guard_class(on_read: Callable[[nn.Parameter], None]) -> type[nn.Parameter]:
                 fetch = ref()
                 for t in tree_leaves(read):
                     if type(t) is cls and fetch is not None:
-                        fetch(t)
+                        fetch(t, func)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
 
