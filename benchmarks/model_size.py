@@ -192,8 +192,11 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def train(model, device, a, micro_batch, accum, steps, warmup):
-    """Step times (s) of ``steps`` timed optimizer steps after ``warmup`` ones."""
+def train(model, device, a, micro_batch, accum, steps, warmup, on_timed=None):
+    """Step times (s) of ``steps`` timed optimizer steps after ``warmup`` ones.
+
+    The device's peak is reset, and ``on_timed()`` called, when the timed steps begin, so
+    that peaks and counters describe the steady state, not the first step's fills."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
@@ -201,6 +204,10 @@ def train(model, device, a, micro_batch, accum, steps, warmup):
     times, opt_times = [], []
     for i in range(warmup + steps):
         sync(device)
+        if i == warmup:
+            reset_peak(device)
+            if on_timed is not None:
+                on_timed()
         t0 = time.perf_counter()
         for x, y in data:
             with autocast(device):
@@ -276,9 +283,10 @@ def row(kind, n_layer, a, times, peak_bytes, rss, stats):
         peak_device_gib=None if peak_bytes is None else peak_bytes / GiB,
         host_rss_gib=rss / GiB,
         lms_host_pool_gib=None if stats is None else stats.host_bytes / GiB,
-        swapped_in_gib=None if stats is None else stats.swapped_in_bytes / GiB,
-        swapped_out_gib=None if stats is None else stats.swapped_out_bytes / GiB,
-        stall_s=None if stats is None else stats.stall_s,
+        # Per timed step: the counters are reset when the timed steps begin (train()).
+        swapped_in_gib=None if stats is None else stats.swapped_in_bytes / GiB / len(times),
+        swapped_out_gib=None if stats is None else stats.swapped_out_bytes / GiB / len(times),
+        stall_s=None if stats is None else stats.stall_s / len(times),
     )
 
 
@@ -332,16 +340,26 @@ def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limi
         device=device,
         host_limit=host_limit,
     )
-    try:
-        reset_peak(device)
+    fills_before = {}  # the weights' fill counters run from enable: subtract the warm-up's
+
+    def on_timed():
         handle.reset_stats()
-        times = train(model, device, a, micro, accum, steps, warmup)
+        if handle.weights is not None:
+            fills_before.update(prefetched=handle.weights.prefetched,
+                                on_demand=handle.weights.on_demand)  # fmt: skip
+
+    try:
+        times = train(model, device, a, micro, accum, steps, warmup, on_timed)
         stats = handle.stats()
         r = row("LMS", n_layer, a, times, peak(device), host_rss(), stats)
-        r["paged_params"] = len(handle.weights.paged_names) if handle.weights else 0
-        r["paged_gib"] = handle.weights.plan.paged_bytes / GiB if handle.weights else 0.0
-        r["prefetched"] = handle.weights.prefetched if handle.weights else 0
-        r["on_demand"] = handle.weights.on_demand if handle.weights else 0
+        w = handle.weights
+        r["paged_params"] = len(w.paged_names) if w else 0
+        r["paged_gib"] = w.plan.paged_bytes / GiB if w else 0.0
+        # Per timed step, like the swap counters.
+        n = len(times[0])
+        r["prefetched"] = (w.prefetched - fills_before.get("prefetched", 0)) / n if w else 0
+        r["on_demand"] = (w.on_demand - fills_before.get("on_demand", 0)) / n if w else 0
+        r["pinned_allocs_steady"] = stats.pinned_allocs
         r["lms_accum"] = accum
         r["limit_gib"] = limit / GiB
     finally:
