@@ -292,6 +292,10 @@ def main(argv=None):
         if budget_s is not None and time.perf_counter() - T_START > budget_s:
             rows.append(dict(row, skipped=f"time budget {budget_s:.0f} s spent"))
             return
+        # What the row starts with: weights, gradients and optimizer state, or more if an
+        # earlier row left tensors behind (that would inflate this row's peak).
+        sync(device)
+        row = dict(row, allocated_before_bytes=allocated(device))
         try:
             rows.append(dict(row, **measure()))
         except Exception as e:  # OOM, LMSError, or a bug in a path only CUDA runs
@@ -443,6 +447,12 @@ def report(rows, device, bw, base, unavoidable):
             f"{(r['stall_s_per_step'] * 1e3 if lms_row else 0):8.1f} "
             f"{(r['floor_s'] if lms_row else math.nan):8.3f}  {verdicts(r, rows)}"
         )
+    for r in rows:
+        extra = (r.get("allocated_before_bytes") or 0) - (unavoidable or 0)
+        if unavoidable is not None and extra > 64 * MiB:
+            print(f"WARNING: {r['strategy']} {r.get('limit', '')} started with "
+                  f"{extra / GiB:.2f} GiB more allocated than weights+grads+optimizer state "
+                  "(left by an earlier row): its peak is inflated by that much")  # fmt: skip
     if device.type != "cuda":
         print("(CPU run: no allocator peak; LMS limits apply to its own accounting; the "
               "timings only check that the script runs)")  # fmt: skip

@@ -236,6 +236,12 @@ def peak(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def allocated(device):
+    """Device bytes allocated now: ~0 between runs, or a previous run left tensors behind
+    that shrink this run's room under the cap and inflate its peak."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
 def is_oom(e):
     # cuBLAS and cuDNN report a failed workspace allocation in their own words.
     text = str(e).lower()
@@ -247,6 +253,7 @@ def is_oom(e):
 def try_baseline(n_layer, device, a, steps, warmup):
     """Train without LMS; the row, or None on out-of-memory."""
     model = None
+    before = allocated(device)
     try:
         torch.manual_seed(0)
         # Built on the device: the host initializes weights one core at a time (about 15 ns
@@ -262,7 +269,9 @@ def try_baseline(n_layer, device, a, steps, warmup):
     finally:
         del model
         free(device)
-    return row("no LMS", n_layer, a, times, peak(device), host_rss(), None)
+    r = row("no LMS", n_layer, a, times, peak(device), host_rss(), None)
+    r["allocated_before_gib"] = None if before is None else before / GiB
+    return r
 
 
 def row(kind, n_layer, a, times, peak_bytes, rss, stats):
@@ -329,6 +338,7 @@ def search(device, a, steps, warmup):
 
 
 def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limit, weights):
+    before = allocated(device)
     torch.manual_seed(0)
     model = GPT(config(n_layer, a))  # on the host: it does not fit on the device
     micro = a["batch"] * a["accum"] // accum
@@ -360,6 +370,7 @@ def run_lms(n_layer, device, a, limit, min_size, accum, steps, warmup, host_limi
         r["prefetched"] = (w.prefetched - fills_before.get("prefetched", 0)) / n if w else 0
         r["on_demand"] = (w.on_demand - fills_before.get("on_demand", 0)) / n if w else 0
         r["pinned_allocs_steady"] = stats.pinned_allocs
+        r["allocated_before_gib"] = None if before is None else before / GiB
         r["lms_accum"] = accum
         r["limit_gib"] = limit / GiB
     finally:
