@@ -292,11 +292,12 @@ def main(argv=None):
         if budget_s is not None and time.perf_counter() - T_START > budget_s:
             rows.append(dict(row, skipped=f"time budget {budget_s:.0f} s spent"))
             return
-        # What the row starts with: weights, gradients and optimizer state, or more if an
-        # earlier row left tensors behind (that would inflate this row's peak).
-        sync(device)
-        row = dict(row, allocated_before_bytes=allocated(device))
         try:
+            # What the row starts with: weights, gradients and optimizer state, or more if an
+            # earlier row left tensors behind (that would inflate this row's peak). Inside the
+            # try: after a sticky CUDA error the synchronize raises, and that is this row's.
+            sync(device)
+            row = dict(row, allocated_before_bytes=allocated(device))
             rows.append(dict(row, **measure()))
         except Exception as e:  # OOM, LMSError, or a bug in a path only CUDA runs
             # The whole traceback goes to the log: on a one-off GPU run it is the only clue.
@@ -308,7 +309,8 @@ def main(argv=None):
         # hold) are gone before the next row, whose peak they would otherwise inflate.
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            with contextlib.suppress(RuntimeError):  # a sticky CUDA error raises here too
+                torch.cuda.empty_cache()
 
     meta = dict(command=command, device=card, date=date, torch=torch.__version__, model=cfg,
                 bf16=use_bf16, bandwidth_Bps=bw)  # fmt: skip
@@ -320,6 +322,12 @@ def main(argv=None):
         write(args, rows, dict(meta, note="interrupted (time limit)"))
         print(f"interrupted: wrote the {len(rows)} finished rows", flush=True)
         raise SystemExit(130) from None
+    except Exception as e:
+        # Outside any row (the no-offload baseline, or the sweep's setup): the rows measured
+        # so far are still worth the GPU time they took.
+        write(args, rows, dict(meta, note=f"failed: {type(e).__name__}: {str(e)[:300]}"))
+        print(f"failed: wrote the {len(rows)} finished rows", flush=True)
+        raise
     report(rows, device, bw, rows[0], meta["unavoidable_bytes"])
     write(args, rows, meta)
 

@@ -175,7 +175,10 @@ def sync(device):
 def free(device):
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        # After a sticky CUDA error this raises too; the error that caused it is the one
+        # to report, and the row it belongs to must still be written.
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
 
 
 def host_rss():
