@@ -35,6 +35,20 @@
 # Rule 4 (only exact ``nn.Parameter``). A parameter of another subclass may have
 #   its own ``__torch_function__``, which a swap would bypass; such parameters are
 #   never guarded (a read of their released storage still crashes).
+# Rule 5 (aliases handed out). A guarded read that returns a tensor sharing the
+#   shell's storage (``p.detach()``, ``p.data``, ``p[1]``, ``p.T``) returns it as a
+#   ``ShellAlias``, and views of that are ``ShellAlias`` too. Without LMS such a
+#   tensor keeps showing the parameter; with LMS its memory is released when the
+#   backward ends, and a later read would read freed memory (a segmentation fault on
+#   the CPU). A ``ShellAlias`` checks on each read: while the shell is resident it
+#   reads it (a later step's values, as without LMS); while it is released it raises
+#   ``LMSError`` saying to keep a copy. Metadata stays readable. ``.numpy()`` of a
+#   guarded parameter or of a ``ShellAlias`` is made from a copy: numpy makes the
+#   storage it shares non-resizable, and the release would then fail (on the CPU,
+#   where ``.cpu()`` returns the shell itself). An alias taken
+#   while the shell was resident without a guarded read (in the owning module's own
+#   forward or hooks, or after a guarded read fetched it) is not seen and still
+#   crashes if read after the release.
 """
 
 from __future__ import annotations
@@ -49,7 +63,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["DATA_GET", "GUARDABLE", "guard_class", "user_stacklevel"]
+from .errors import LMSError
+
+__all__ = ["DATA_GET", "GUARDABLE", "ShellAlias", "guard_class", "user_stacklevel"]
 
 # Rule 4: the only parameter class that is ever swapped.
 GUARDABLE = nn.Parameter
@@ -130,6 +146,77 @@ _NO_READ = frozenset(
 )
 # Rule 3: functions that read their first argument only; the others give a shape or dtype.
 _FIRST_ONLY = frozenset({_T.view_as, _T.expand_as, _T.reshape_as, _T.type_as})
+# Rule 5: functions that hand the storage to numpy, which makes it non-resizable.
+_TO_NUMPY = frozenset({_T.numpy, _T.__array__})
+
+
+def _run(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func`` on plain tensors; a numpy array of a shell is made from a copy (Rule 5)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        if func in _TO_NUMPY:
+            args = (args[0].clone(), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None  # no storage of its own (sparse, nested): aliases no shell
+
+
+def _mark_aliases(out: Any, shells: list[torch.Tensor]) -> Any:
+    """Make each plain tensor of ``out`` that shares a storage of ``shells`` a ``ShellAlias``.
+
+    NOTE [Guarded parameters] Rule 5. ``shells`` are the fetched parameters, or
+    ``ShellAlias`` arguments. Parameters are never plain tensors, so an in-place op
+    that returns its parameter leaves it alone.
+    """
+    ids = {_storage_id(t) for t in shells} - {None}
+    for t in tree_leaves(out):
+        if type(t) is torch.Tensor and _storage_id(t) in ids:
+            t.__class__ = ShellAlias
+    return out
+
+
+class ShellAlias(torch.Tensor):
+    """A tensor sharing a paged parameter's device shell, made by a guarded read.
+
+    NOTE [Guarded parameters] Rule 5: reading it once the shell is released again
+    raises ``LMSError`` instead of reading freed memory.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _NO_READ:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        leaves = tree_leaves((args[:1] if func in _FIRST_ONLY else args, kwargs))
+        for t in leaves:
+            if isinstance(t, ShellAlias) and t.untyped_storage().nbytes() == 0:
+                raise LMSError(
+                    "this tensor shares device memory with a parameter that LMS pages "
+                    "(a view, .detach() or .data taken between a forward and the end of "
+                    "its backward), and LMS has released that memory since; keep a copy "
+                    "instead (param.detach().clone()), or take it between steps"
+                )
+        return _mark_aliases(
+            _run(func, args, kwargs), [t for t in leaves if isinstance(t, ShellAlias)]
+        )
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        # A copy of the values, as for a plain tensor (torch's default for a subclass
+        # wants clone() to return the subclass); reading them is checked first.
+        if id(self) not in memo:
+            copied = self.detach().clone(memory_format=torch.preserve_format)
+            copied.requires_grad_(self.requires_grad)
+            memo[id(self)] = copied
+        return memo[id(self)]
 
 
 def user_stacklevel() -> int:
@@ -185,9 +272,11 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
             if func not in _NO_READ:
                 read = args[:1] if func in _FIRST_ONLY else (args, kwargs)
                 fetch = ref()
-                for t in tree_leaves(read):
-                    if type(t) is cls and fetch is not None:
+                guarded = [t for t in tree_leaves(read) if type(t) is cls]
+                for t in guarded:
+                    if fetch is not None:
                         fetch(t, func)
+                return _mark_aliases(_run(func, args, kwargs), guarded)  # Rule 5
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from paged_twins import enable_paging, twins
 from torch import nn
 
+import lms
 from lms.weights import Phase
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
@@ -141,3 +142,91 @@ def test_state_dict_and_deepcopy_after_a_write_between_forward_and_backward():
     (sd, head), (paged_sd, paged_head) = seen[base], seen[paged]
     assert all(torch.equal(v, paged_sd[k]) for k, v in sd.items())
     assert torch.equal(head.bias, paged_head.bias)
+
+
+@pytest.mark.parametrize(
+    "take",
+    [
+        lambda w: w.detach(),
+        lambda w: w.data,
+        lambda w: w[1],
+        lambda w: w.T,
+        lambda w: w.detach()[2:],  # a view of an alias
+    ],
+    ids=["detach", "data", "index", "T", "view_of_detach"],
+)
+def test_an_alias_taken_between_forward_and_backward_is_refused_after_the_step(take):
+    # Without LMS the alias would show the stepped values; with LMS its device memory
+    # is released when the backward ends. Was: a segmentation fault when read.
+    base, paged = twins(MLP)
+    handle = enable_paging(paged)
+    x, y = data(1)[0]
+    kept = {}
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = F.cross_entropy(model(x), y)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            alias = take(model.layers[1].weight)
+            kept[model] = (alias, alias.clone())
+        assert torch.equal(*kept[model])  # read in the window: the real values
+        loss.backward()
+        opt.step()
+    assert torch.equal(kept[base][1], kept[paged][1])
+    alias = kept[paged][0]
+    assert alias.shape == kept[base][0].shape  # metadata stays readable
+    with pytest.raises(lms.LMSError, match=r"\.clone\(\)"):
+        alias.sum()
+    with pytest.raises(lms.LMSError):
+        repr(alias)
+    assert_same(base, paged)
+    assert_between_steps(handle, paged)
+
+
+def test_numpy_of_a_parameter_between_forward_and_backward():
+    # Logging a histogram: ``p.detach().cpu().numpy()``. On the CPU ``.cpu()`` is the
+    # shell itself and numpy made its storage non-resizable. Was: "Trying to resize
+    # storage that is not resizable" from the backward, the pager left in phase DEVICE.
+    base, paged = twins(MLP)
+    handle = enable_paging(paged)
+    logged = {base: [], paged: []}
+
+    def between(model):
+        for p in model.parameters():
+            logged[model].append(p.detach().cpu().numpy().copy())
+
+    losses = [run(m, data(3), between) for m in (base, paged)]
+    assert all(torch.equal(a, b) for a, b in zip(*losses))
+    assert all((a == b).all() for a, b in zip(logged[base], logged[paged]))
+    assert_same(base, paged)
+    assert_between_steps(handle, paged)
+
+
+def test_deepcopy_of_an_alias_taken_between_forward_and_backward():
+    _, paged = twins(MLP)
+    enable_paging(paged)
+    x, y = data(1)[0]
+    loss = F.cross_entropy(paged(x), y)
+    with pytest.warns(UserWarning, match=FETCHED):
+        alias = paged.layers[0].weight.detach()
+    one = copy.deepcopy(alias)
+    assert type(one) is torch.Tensor and torch.equal(one, alias)
+    loss.backward()
+    assert torch.equal(one, paged.layers[0].weight)  # no step: the same values
+    with pytest.raises(lms.LMSError):
+        copy.deepcopy(alias)
+
+
+def test_a_sparse_copy_of_a_parameter_between_forward_and_backward():
+    # A result without a storage of its own cannot alias the shell (Rule 5 asks each result).
+    base, paged = twins(MLP)
+    enable_paging(paged)
+    got = {}
+    for model in (base, paged):
+        x, y = data(1)[0]
+        loss = F.cross_entropy(model(x), y)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            got[model] = model.layers[0].weight.detach().to_sparse().to_dense()
+        loss.backward()
+    assert torch.equal(got[base], got[paged])
