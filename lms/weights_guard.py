@@ -22,7 +22,8 @@
 #   thread-local mode pushed: backward runs on autograd's own threads on CUDA,
 #   and a mode pushed inside a user's ``with torch.device(...)`` block would be
 #   popped by its exit in the wrong order.
-# Rule 3 (what counts as a read). Reading metadata (shape, dtype, ``.grad``,
+# Rule 3 (what counts as a read). Reading metadata (shape, dtype, flags such as
+#   ``is_pinned()``, ``.grad``,
 #   ``requires_grad``, the storage object), setting ``.grad`` or ``.data``, making
 #   an uninitialized tensor like it (``torch.zeros_like(p)``, ``p.new_empty``),
 #   passing it as the template of ``x.view_as(p)`` or as ``inputs=`` to
@@ -104,6 +105,9 @@ _NO_READ = frozenset(
             "nbytes",
             "_version",
             "output_nr",
+            "retains_grad",
+            "is_mkldnn",
+            "name",
         ),
     )
     | _getset("__set__", ("grad", "requires_grad", "data"))
@@ -121,6 +125,14 @@ _NO_READ = frozenset(
         _T.data_ptr,
         _T.storage_offset,
         _T.untyped_storage,  # a storage's own accessors check its (0-byte) size
+        _T.is_pinned,
+        _T.is_shared,
+        _T.is_inference,
+        _T.is_signed,
+        _T.is_neg,
+        _T.is_conj,
+        _T.dim_order,
+        _T.__dlpack_device__,
         _T.requires_grad_,
         _T.register_hook,
         _T.register_post_accumulate_grad_hook,

@@ -230,3 +230,25 @@ def test_a_sparse_copy_of_a_parameter_between_forward_and_backward():
             got[model] = model.layers[0].weight.detach().to_sparse().to_dense()
         loss.backward()
     assert torch.equal(got[base], got[paged])
+
+
+def test_more_metadata_reads_fetch_nothing():
+    # NOTE [Guarded parameters] Rule 3: flags about the tensor, not its values.
+    _, paged = twins(MLP)
+    enable_paging(paged)
+    x, y = data(1)[0]
+    loss = F.cross_entropy(paged(x), y)
+    w = paged.layers[1].weight
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", FETCHED)
+        flags = (w.is_pinned(), w.is_shared(), w.is_inference(), w.is_neg(), w.is_conj())
+        assert flags == (False, False, False, False, False)
+        assert (w.is_signed(), w.retains_grad, w.is_mkldnn, w.dim_order()) == (
+            True,
+            False,
+            False,
+            (0, 1),
+        )
+        assert w.__dlpack_device__()[1] == 0
+    assert type(w) is not nn.Parameter  # still guarded: nothing was fetched
+    loss.backward()
