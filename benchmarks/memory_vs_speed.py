@@ -38,6 +38,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import statistics
 import sys
 import time
@@ -60,6 +61,25 @@ T_START = time.perf_counter()
 
 GiB = 1024**3
 MiB = 1024**2
+
+# gpu_check.sh's time limit sends SIGINT. Python's own handler raises KeyboardInterrupt wherever
+# the main thread is, and inside a __del__ (LMS runs many) that is printed and dropped: the run
+# went on until timeout's SIGKILL and wrote nothing. main() installs _on_sigint, which only
+# records the signal; the run stops at the next step or row (check_stop). A second SIGINT
+# raises at once, for a person at a terminal.
+_STOP = []
+
+
+def _on_sigint(signum, frame):
+    if _STOP:
+        raise KeyboardInterrupt
+    _STOP.append(signum)
+
+
+def check_stop():
+    if _STOP:
+        raise KeyboardInterrupt
+
 
 # The reference of issue 3 / ANCHORS.md: 16 layers, width 2048, 16 heads, batch 8, seq 1024.
 FULL = dict(n_layer=16, n_embd=2048, n_head=16, vocab=32000, batch=8, seq=1024, steps=10, warmup=3)
@@ -184,6 +204,7 @@ def run_steps(model, opt, batch, device, autocast, steps, warmup, forward_ctx=No
     clock = Clock(device)
     fwd, bwd, optim, wall = [], [], [], []
     for i in range(warmup + steps):
+        check_stop()
         if i == warmup:
             reset_peak(device)
         sync(device)
@@ -289,6 +310,7 @@ def main(argv=None):
     def guarded(row, measure):
         """Append ``row`` with ``measure()``'s results; a failure or the time budget is
         recorded in the row instead of ending the run (the other rows still count)."""
+        check_stop()
         if budget_s is not None and time.perf_counter() - T_START > budget_s:
             rows.append(dict(row, skipped=f"time budget {budget_s:.0f} s spent"))
             return
@@ -304,7 +326,9 @@ def main(argv=None):
             traceback.print_exc()
             rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:300]}"))
         else:
+            after_row()
             return
+        after_row()
         # Outside the except block, so the traceback's frames (and the activations they
         # hold) are gone before the next row, whose peak they would otherwise inflate.
         gc.collect()
@@ -314,9 +338,27 @@ def main(argv=None):
 
     meta = dict(command=command, device=card, date=date, torch=torch.__version__, model=cfg,
                 bf16=use_bf16, bandwidth_Bps=bw)  # fmt: skip
+
+    def after_row():
+        """Print the row and write what is measured so far (no plot: that is at the end), so
+        that a run killed at its time limit keeps its finished rows."""
+        r = rows[-1]
+        what = (
+            r.get("error")
+            or r.get("skipped")
+            or (f"step {r['step_s']:.3f} s, peak {fmt_bytes(r['peak_device_bytes'])} GiB")
+        )
+        where = (
+            f" limit {r['limit'] / GiB:.2f} GiB min_size {r['min_size']}" if "limit" in r else ""
+        )
+        print(
+            f"[{time.perf_counter() - T_START:5.0f} s] {r['strategy']}{where}: {what}", flush=True
+        )
+        write(args, rows, dict(meta, note="partial: rows so far"), plot=False)  # fmt: skip
+
     try:
         measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarded,
-                    fractions, min_sizes, bw, meta)  # fmt: skip
+                    after_row, fractions, min_sizes, bw, meta)  # fmt: skip
     except KeyboardInterrupt:
         # gpu_check.sh's time limit sends SIGINT: keep the rows measured so far.
         write(args, rows, dict(meta, note="interrupted (time limit)"))
@@ -332,8 +374,8 @@ def main(argv=None):
     write(args, rows, meta)
 
 
-def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarded, fractions,
-                min_sizes, bw, meta):  # fmt: skip
+def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarded, after_row,
+                fractions, min_sizes, bw, meta):  # fmt: skip
     """The baselines, then the LMS sweep; appends to ``rows`` as it goes."""
     # -- no offload: the baseline and the phase times for the floor --
     base = run_steps(model, opt, batch, device, autocast, steps, warmup)
@@ -341,6 +383,7 @@ def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarde
     unavoidable = allocated(device)  # weights, gradients, optimizer state
     meta["unavoidable_bytes"] = unavoidable
     rows.append(dict(strategy="no offload", **base))
+    after_row()
 
     def checkpointed():
         with per_block_checkpointing(model):
@@ -466,7 +509,7 @@ def report(rows, device, bw, base, unavoidable):
               "timings only check that the script runs)")  # fmt: skip
 
 
-def write(args, rows, meta):
+def write(args, rows, meta, plot=True):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = [
@@ -488,6 +531,8 @@ def write(args, rows, meta):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    if not plot:
+        return
     png = out.with_suffix(".png") if rows else None
     try:
         import matplotlib
@@ -521,4 +566,5 @@ def write(args, rows, meta):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _on_sigint)
     main()
