@@ -61,18 +61,21 @@ print(f"torch {torch.__version__}, device: {card}{mem}")
 PYEOF
     local dev
     dev=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+    # On the CPU every step only checks its script, and two torch threads on the loaded 2-core
+    # development VM made a step up to 200 times slower than one (hook_overhead, 2026-11-29: 4 s
+    # against 21 ms a step), which ran steps past their limits.
+    [[ $dev == cpu ]] && export OMP_NUM_THREADS=1
 
     step gpu_tests 120 $PY -m pytest -m gpu -q --durations=15 -p no:cacheprovider tests
     step memory_vs_speed 150 $PY benchmarks/memory_vs_speed.py --time-budget 110 \
         --out "$OUT/memory_vs_speed.json"
     step model_size 80 $PY benchmarks/model_size.py --quick --out "$OUT/model_size.json"
-    # The host time the hooks add per saved tensor, with CUDA's allocator reads in the loop. The
-    # CPU's rounds are fewer: a loaded 2-core VM takes over a second a round, and there the step
-    # only checks the script.
-    local rounds=40
-    [[ $dev == cpu ]] && rounds=8
-    step hook_overhead 60 $PY benchmarks/hook_overhead.py --device "$dev" --threads 0 \
-        --rounds "$rounds" --out "$WORK/hook_overhead.json"
+    # The host time the hooks add per saved tensor, with CUDA's allocator reads in the loop. On the
+    # CPU, where the step only checks the script, fewer rounds and one thread (see below).
+    local hook=(--threads 0 --rounds 40)
+    [[ $dev == cpu ]] && hook=(--threads 1 --rounds 8)
+    step hook_overhead 60 $PY benchmarks/hook_overhead.py --device "$dev" "${hook[@]}" \
+        --out "$WORK/hook_overhead.json"
     # What a block sends over the link at limit=0 under autocast, and what re-casting saves, as the
     # device's own kernels save it (seconds). The CPU's sequence is shorter (same check, a quarter
     # of the work): the full one can take over 30 s on a loaded 2-core VM.
