@@ -349,7 +349,7 @@ def main(argv=None):
             or (f"step {r['step_s']:.3f} s, peak {fmt_bytes(r['peak_device_bytes'])} GiB")
         )
         where = (
-            f" limit {r['limit'] / GiB:.2f} GiB min_size {r['min_size']}" if "limit" in r else ""
+            f" limit {r['limit'] / MiB:.1f} MiB min_size {r['min_size']}" if "limit" in r else ""
         )
         print(
             f"[{time.perf_counter() - T_START:5.0f} s] {r['strategy']}{where}: {what}", flush=True
