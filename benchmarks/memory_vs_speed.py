@@ -64,7 +64,7 @@ MiB = 1024**2
 
 # gpu_check.sh's time limit sends SIGINT. Python's own handler raises KeyboardInterrupt wherever
 # the main thread is, and inside a __del__ (LMS runs many) that is printed and dropped: the run
-# went on until timeout's SIGKILL and wrote nothing. main() installs _on_sigint, which only
+# went on until timeout's SIGKILL and wrote nothing. The script installs _on_sigint, which only
 # records the signal; the run stops at the next step or row (check_stop). A second SIGINT
 # raises at once, for a person at a terminal.
 _STOP = []
