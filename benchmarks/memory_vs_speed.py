@@ -418,7 +418,6 @@ def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarde
             handle.reset_stats()
             r = run_steps(model, opt, batch, device, autocast, steps, 0)
             s = handle.stats()
-            largest = handle.activations._largest
         out_b, in_b = s.swapped_out_bytes / steps, s.swapped_in_bytes / steps
         fl = floor_s(base, out_b, in_b, bw)
         return dict(
@@ -426,7 +425,7 @@ def measure_all(model, opt, batch, device, autocast, steps, warmup, rows, guarde
             recast_bytes_per_step=s.recast_bytes / steps,
             stall_s_per_step=s.stall_s / steps, pinned_allocs_steady=s.pinned_allocs,
             host_bytes=s.host_bytes, peak_resident_bytes=s.peak_resident_bytes,
-            largest_swappable=largest, floor_s=fl, vs_floor=r["step_s"] / fl,
+            largest_swappable=s.largest_saved_bytes, floor_s=fl, vs_floor=r["step_s"] / fl,
         )  # fmt: skip
 
     for limit, min_size, kind in sweep:

@@ -177,6 +177,7 @@ class MemoryBudget:
         self.resident_bytes = 0
         self.leaving_bytes = 0
         self.reserve = 0  # Rule 5
+        self.largest = 0  # the largest swappable tensor noted, ever (Stats.largest_saved_bytes)
         # Rule 6. An OrderedDict: RemovableHandle keeps a weak reference to it.
         self._evictors: OrderedDict[int, Callable[[int], None]] = OrderedDict()
         self._lock = threading.RLock()
@@ -220,6 +221,8 @@ class MemoryBudget:
 
     def note_tensor(self, nbytes: int) -> None:
         """A tensor of ``nbytes`` exists on the device: grow the reserve to it (Rule 5)."""
+        if nbytes > self.largest:
+            self.largest = self.stats.largest_saved_bytes = nbytes
         if self.measure is not None and nbytes > self.reserve:
             self.reserve = nbytes
 
@@ -329,6 +332,7 @@ class Runtime:
             self.stats.resident_bytes = self.budget.resident_bytes
             self.stats.peak_resident_bytes = self.budget.resident_bytes - self.budget.leaving_bytes
             self.stats.host_bytes = self.pool.held_bytes
+            self.stats.largest_saved_bytes = self.budget.largest
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

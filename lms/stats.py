@@ -43,6 +43,10 @@ class Stats:
             weight paging is on), not counting bytes already being copied out.
         peak_device_bytes: the allocator's peak (``torch.cuda.max_memory_allocated``)
             on CUDA; ``None`` on the CPU.
+        largest_saved_bytes: the largest saved activation at least ``min_size`` that LMS
+            has seen since ``enable`` (kept by ``reset_stats``). On CUDA LMS keeps this
+            much of the limit free for temporaries it cannot move, so the allocator's
+            peak is aimed at ``limit`` plus about this much.
         stall_s: seconds compute waited for a copy. On CUDA: device-side waits,
             timed with events around each wait that was still pending when issued,
             plus host time blocked on a copy out when copies in flight had to be
@@ -68,6 +72,7 @@ class Stats:
     recast_bytes: int = 0
     peak_resident_bytes: int = 0
     peak_device_bytes: int | None = None
+    largest_saved_bytes: int = 0
     stall_s: float = 0.0
     pinned_allocs: int = 0
     host_bytes: int = 0

@@ -334,8 +334,20 @@ def test_stats_report():
     assert set(s.as_dict()) >= {
         "swapped_out_bytes", "swapped_in_bytes", "swap_outs", "swap_ins", "recasts",
         "recast_bytes", "peak_resident_bytes", "peak_device_bytes", "stall_s", "pinned_allocs",
-        "host_bytes",
+        "host_bytes", "largest_saved_bytes",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("min_size, largest", [(0, 8 * 256 * 4), (8 * 256 * 4 + 1, 0)])
+def test_largest_saved_bytes_is_the_largest_eligible_saved_tensor(min_size, largest):
+    # Saved: the input (8 x 64 fp32), the first Linear's output (8 x 256, kept by ReLU)
+    # and ReLU's output (8 x 256, kept by the second Linear). Parameters are never counted.
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    with lms.enable(model, weights=False, limit=0, min_size=min_size) as handle:
+        model(torch.randn(8, 64)).sum().backward()
+        assert handle.stats().largest_saved_bytes == largest
+        handle.reset_stats()  # a size seen, not a counter: it survives the reset
+        assert handle.stats().largest_saved_bytes == largest
 
 
 # -- bad input ---------------------------------------------------------------
