@@ -23,12 +23,12 @@
 #   and a mode pushed inside a user's ``with torch.device(...)`` block would be
 #   popped by its exit in the wrong order.
 # Rule 3 (what counts as a read). Reading metadata (shape, dtype, flags such as
-#   ``is_pinned()``, ``.grad``,
-#   ``requires_grad``, the storage object), setting ``.grad`` or ``.data``, making
-#   an uninitialized tensor like it (``torch.zeros_like(p)``, ``p.new_empty``),
-#   passing it as the template of ``x.view_as(p)`` or as ``inputs=`` to
-#   ``torch.autograd.grad`` read no values and fetch nothing: a reducer's hooks
-#   and ``optimizer.zero_grad()`` between forward and backward stay cheap.
+#   ``is_pinned()``, ``.grad``, ``requires_grad``, the storage object), setting
+#   ``.grad`` or ``.data``, making an uninitialized tensor like it
+#   (``torch.zeros_like(p)``, ``p.new_empty``), passing it as the template of
+#   ``x.view_as(p)`` or as ``inputs=`` to ``torch.autograd.grad`` read no values
+#   and fetch nothing: a reducer's hooks and ``optimizer.zero_grad()`` between
+#   forward and backward stay cheap.
 #   Anything else, a view or ``.detach()`` included (they alias the storage and
 #   may be read later), fetches. ``on_read`` learns which function read, so that
 #   the pager can copy back what is written through ``.data`` (NOTE [Weight
@@ -46,10 +46,11 @@
 #   ``LMSError`` saying to keep a copy. Metadata stays readable. ``.numpy()`` of a
 #   guarded parameter or of a ``ShellAlias`` is made from a copy: numpy makes the
 #   storage it shares non-resizable, and the release would then fail (on the CPU,
-#   where ``.cpu()`` returns the shell itself). An alias taken
-#   while the shell was resident without a guarded read (in the owning module's own
-#   forward or hooks, or after a guarded read fetched it) is not seen and still
-#   crashes if read after the release.
+#   where ``.cpu()`` returns the shell itself). Not seen: an alias taken while the
+#   shell was resident without a guarded read (in the owning module's own forward
+#   or hooks, or after a guarded read fetched it) still reads freed memory after
+#   the release; and a ``ShellAlias`` kept into a later step and read while its
+#   shell is being filled does not wait for the copy (on an accelerator).
 """
 
 from __future__ import annotations
