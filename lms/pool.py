@@ -25,11 +25,13 @@
 #    before the machine would start swapping itself to death.
 # 5. Memory is pinned only when an accelerator exists; on the CPU the same code
 #    copies into ordinary buffers, so the logic is tested without a GPU.
-# 6. On CUDA a block is ordinary host memory, page-aligned and registered with
-#    ``cudaHostRegister`` (``pin_pages``), not ``pin_memory=True``: PyTorch's
-#    caching host allocator rounds every request up to a power of two (up to 2x
-#    the RAM) and keeps freed blocks in its own cache, where neither ``trim`` nor
-#    the cap could see them. Registration is undone when the block is freed. If
+# 6. On CUDA a block is ordinary host memory, an anonymous mapping of its own
+#    registered with ``cudaHostRegister`` (``pin_pages``), not ``pin_memory=True``:
+#    PyTorch's caching host allocator rounds every request up to a power of two
+#    (up to 2x the RAM) and keeps freed blocks in its own cache, where neither
+#    ``trim`` nor the cap could see them. The block's storage starts at the
+#    registered address, so ``is_pinned()`` (which asks CUDA about the storage's
+#    first byte) says True. Registration is undone when the block is freed. If
 #    registering fails, the block falls back to ``pin_memory=True``.
 # 7. Once the pool is closed (``lms`` removed), a released block is freed, not
 #    cached: entries that outlive ``remove()`` (a backward after it) give their
@@ -46,6 +48,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import mmap
 import threading
 import weakref
 from typing import Any
@@ -70,12 +73,18 @@ def _unregister(ptr: int) -> None:
 def pin_pages(size: int) -> torch.Tensor:
     """``size`` bytes of page-locked host memory, not rounded up (NOTE [Host pool], rule 6).
 
-    Returns a flat ``uint8`` tensor whose pages belong to it alone (so that no other
-    allocation shares a registered page), unregistered again when it is freed.
+    Returns a flat ``uint8`` tensor over an anonymous mapping of its own (so that no
+    other allocation shares a registered page), unregistered again when it is freed.
     """
-    raw = torch.empty(size + ALIGN, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % ALIGN
-    buf = raw[start : start + size]
+    # A mapping of its own, not a page-aligned slice of a larger CPU tensor: that
+    # storage's first byte would lie before the registered pages, and ``is_pinned()``,
+    # which asks CUDA about the storage's first byte, would say False. A mapping is
+    # page-aligned, and the tensor over it keeps it alive (unmapped with the storage).
+    try:
+        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    except OSError as e:  # the pool reports a RuntimeError as the host running out
+        raise RuntimeError(f"could not map {size} bytes: {e}") from e
+    buf = torch.frombuffer(mem, dtype=torch.uint8)
     try:
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(buf.data_ptr(), size, 0)
@@ -90,7 +99,7 @@ def pin_pages(size: int) -> torch.Tensor:
         with contextlib.suppress(RuntimeError):
             torch.ones(1, device="cuda").add_(1)
         return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    # Runs when ``buf`` is collected, before its memory goes back to the allocator.
+    # Runs when ``buf`` is collected, before its storage lets go of the mapping.
     weakref.finalize(buf, _unregister, buf.data_ptr())
     return buf
 
