@@ -57,7 +57,12 @@ def _delayed_comm_stream():
 
 
 def test_streams_order_results_after_a_delayed_communication_stream():
-    [(grads_ok, allreduce_ok, all_seen)] = run_ranks(_delayed_comm_stream, 1, backend="nccl")
+    # This file runs first in gpu_check's 120 s pytest step: a hung NCCL start must fail
+    # here well before that (the default deadline is the whole step), leaving time for
+    # the lms tests. Starting the rank takes seconds.
+    [(grads_ok, allreduce_ok, all_seen)] = run_ranks(
+        _delayed_comm_stream, 1, backend="nccl", deadline_s=45
+    )
     assert grads_ok, "backward() returned before the communication stream's results"
     assert all_seen
     assert allreduce_ok
