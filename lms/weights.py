@@ -143,7 +143,10 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   too, so a reducer whose own end-of-backward raises (a collective that timed
 #   out) leaves the same state. (Checked on the CPU, where the backward runs on the
 #   caller's thread. On CUDA a device thread may drop the graph task a moment
-#   after the caller sees the error; not yet checked on a GPU.)
+#   after the caller sees the error; if that came after the user's zero_grad(),
+#   the taken gradients would reappear in the next step. The gpu test
+#   ``test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient`` looks
+#   for that; it has not run yet.)
 # Rule 14 (``remove()`` mid-step). Between a forward and the end of its backward
 #   autograd holds views of the shells (Rule 2). ``remove()`` then fills every
 #   shell from its master and makes it the parameter's data (instead of a fresh

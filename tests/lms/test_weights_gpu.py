@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from failing_backward import FailsInBackward
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lms
@@ -197,3 +198,40 @@ def test_cuda_l2_penalty_after_the_forward_reads_fetched_weights_bitwise():
             for n in want:
                 assert torch.equal(want[n], got[n]), n
         assert all(pp.where is Where.OUT for pp in handle.weights.paged)
+
+
+def test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient():
+    # NOTE [Weight paging] Rule 13 on CUDA: backward runs on a device thread, which may
+    # free the failed graph task (and with it LMS's end callback) a moment after the
+    # caller sees the error. If LMS ended that backward only after the user's
+    # zero_grad(), the gradients taken before the error would come back and be added
+    # to the next step's. Repeated, so that such a late release would show.
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 8)
+
+        def forward(self, x):
+            return self.b(FailsInBackward.apply(torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Failing().cuda()
+    x = torch.randn(64, 256, device="cuda")
+    model(x).square().sum().backward()
+    want = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with lms.enable(model, limit=0, min_size=0, weights=True) as handle:
+        assert handle.weights is not None and len(handle.weights.paged) == 4
+        for _ in range(20):
+            FailsInBackward.fail = True
+            try:
+                with pytest.raises(ValueError, match="backward failed"):
+                    model(x).square().sum().backward()  # b's gradients are taken, then it fails
+            finally:
+                FailsInBackward.fail = False
+            model.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+            got = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+            for n in want:
+                assert torch.equal(want[n], got[n]), n
+            model.zero_grad(set_to_none=True)
