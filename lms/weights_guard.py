@@ -109,6 +109,7 @@ _NO_READ = frozenset(
             "retains_grad",
             "is_mkldnn",
             "name",
+            "_base",  # a parameter is never a view: None
         ),
     )
     | _getset("__set__", ("grad", "requires_grad", "data"))
@@ -143,6 +144,7 @@ _NO_READ = frozenset(
         _T.new_zeros,
         _T.new_ones,
         _T.new_full,
+        _T.new_tensor,  # a copy of its argument, with only the dtype and device of ``self``
         torch.empty_like,
         torch.zeros_like,
         torch.ones_like,

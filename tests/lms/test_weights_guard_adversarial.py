@@ -250,5 +250,6 @@ def test_more_metadata_reads_fetch_nothing():
             (0, 1),
         )
         assert w.__dlpack_device__()[1] == 0
+        assert w._base is None and torch.equal(w.new_tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
     assert type(w) is not nn.Parameter  # still guarded: nothing was fetched
     loss.backward()
