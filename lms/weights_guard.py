@@ -165,6 +165,13 @@ _FIRST_ONLY = frozenset({_T.view_as, _T.expand_as, _T.reshape_as, _T.type_as})
 _TO_NUMPY = frozenset({_T.numpy, _T.__array__})
 
 
+def _read_args(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The arguments whose values ``func`` reads (Rule 3): none, the first, or all."""
+    if func in _NO_READ:
+        return []
+    return tree_leaves(args[:1] if func in _FIRST_ONLY else (args, kwargs))
+
+
 def _run(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func`` on plain tensors; a numpy array of a shell is made from a copy (Rule 5)."""
     with torch._C.DisableTorchFunctionSubclass():
@@ -188,6 +195,8 @@ def _mark_aliases(out: Any, shells: list[torch.Tensor]) -> Any:
     that returns its parameter leaves it alone.
     """
     ids = {_storage_id(t) for t in shells} - {None}
+    if not ids:
+        return out
     for t in tree_leaves(out):
         if type(t) is torch.Tensor and _storage_id(t) in ids:
             t.__class__ = ShellAlias
@@ -208,21 +217,15 @@ class ShellAlias(torch.Tensor):
         cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _NO_READ:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        leaves = tree_leaves((args[:1] if func in _FIRST_ONLY else args, kwargs))
-        for t in leaves:
-            if isinstance(t, ShellAlias) and t.untyped_storage().nbytes() == 0:
-                raise LMSError(
-                    "this tensor shares device memory with a parameter that LMS pages "
-                    "(a view, .detach() or .data taken between a forward and the end of "
-                    "its backward), and LMS has released that memory since; keep a copy "
-                    "instead (param.detach().clone()), or take it between steps"
-                )
-        return _mark_aliases(
-            _run(func, args, kwargs), [t for t in leaves if isinstance(t, ShellAlias)]
-        )
+        aliases = [t for t in _read_args(func, args, kwargs) if isinstance(t, ShellAlias)]
+        if any(t.untyped_storage().nbytes() == 0 for t in aliases):
+            raise LMSError(
+                "this tensor shares device memory with a parameter that LMS pages "
+                "(a view, .detach() or .data taken between a forward and the end of "
+                "its backward), and LMS has released that memory since; keep a copy "
+                "instead (param.detach().clone()), or take it between steps"
+            )
+        return _mark_aliases(_run(func, args, kwargs), aliases)
 
     def __deepcopy__(self, memo: dict) -> torch.Tensor:
         # A copy of the values, as for a plain tensor (torch's default for a subclass
@@ -270,7 +273,7 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
         >>> p.__class__ = guard_class(fetch)
         >>> p.shape
         torch.Size([2])
-        >>> float(p.sum())
+        >>> p.sum().item()
         fetch
         2.0
     """
@@ -284,16 +287,12 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
             cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
         ) -> Any:
             kwargs = kwargs or {}
-            if func not in _NO_READ:
-                read = args[:1] if func in _FIRST_ONLY else (args, kwargs)
-                fetch = ref()
-                guarded = [t for t in tree_leaves(read) if type(t) is cls]
-                for t in guarded:
-                    if fetch is not None:
-                        fetch(t, func)
-                return _mark_aliases(_run(func, args, kwargs), guarded)  # Rule 5
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+            guarded = [t for t in _read_args(func, args, kwargs) if type(t) is cls]
+            fetch = ref()
+            for t in guarded:
+                if fetch is not None:
+                    fetch(t, func)
+            return _mark_aliases(_run(func, args, kwargs), guarded)  # Rule 5
 
         def __deepcopy__(self, memo: dict) -> nn.Parameter:
             # As nn.Parameter.__deepcopy__ (``.data`` is a read, so fetched), but the

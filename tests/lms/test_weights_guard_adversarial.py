@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from paged_twins import enable_paging, twins
+from paged_twins import MLP, enable_paging, twins
 from torch import nn
 
 import lms
@@ -20,18 +20,6 @@ from lms.weights import Phase
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
 FETCHED = "LMS fetched paged parameter"
-
-
-class MLP(nn.Module):
-    def __init__(self, d=16, n=3, out=4):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-        self.head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
 
 
 class Renormed(nn.Module):
