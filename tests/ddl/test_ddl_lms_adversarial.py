@@ -69,6 +69,10 @@ def _train(model, no_sync, opt, case, rank, first_step=0):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("bf16", False)):
                     out = model(x, rank == case.get("extra_rank", 1) and s % 2 == 0)
                 loss = nn.functional.cross_entropy(out.float(), y)
+                if case.get("l2"):
+                    # Read after the forward, outside every module: LMS fetches the paged
+                    # weights then (NOTE [Guarded parameters]).
+                    loss = loss + 1e-3 * sum(p.pow(2).sum() for p in model.parameters())
                 loss.backward()
             losses.append(loss.item())
         opt.step()
@@ -102,7 +106,9 @@ def _one_parity_case(case):
     torch.manual_seed(0)
     base = Net(tied=case.get("tied", True))
     ref, mine = copy.deepcopy(base), copy.deepcopy(base)
-    ddp = DDP(ref, find_unused_parameters=True, bucket_cap_mb=0.01)
+    # With an L2 penalty every parameter gets a gradient, and DDP's search for unused
+    # ones would mark a parameter used only by the penalty ready twice (its own error).
+    ddp = DDP(ref, find_unused_parameters=not case.get("l2"), bucket_cap_mb=0.01)
     ref_losses = _train(ddp, ddp.no_sync, _optimizer(case.get("opt"), ref.parameters()), case, rank)
     handle, sync = _enable_and_wrap(mine, case)
     n_paged = len(handle.weights.paged_names) if handle.weights is not None else 0
@@ -211,6 +217,9 @@ PARITY_CASES = [
     {"lifecycle": "lms_first", "steps": 1, "set_to_none": False},
     {"resume": True, "steps": 2, "accum": 1},
     {"resume": True, "steps": 2, "opt": "sgd", "weights": "auto", "limit": "200KiB"},
+    # An explicit L2 penalty over every parameter, computed between forward and backward.
+    {"l2": True, "steps": 2},
+    {"l2": True, "accum": 1, "opt": "sgd", "steps": 2},
 ]
 
 
