@@ -56,8 +56,8 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   small ring of staging blocks, added to the accumulator once the copy is
 #   done: the same single fp32 add AccumulateGrad would have done, so results
 #   are bitwise equal, and no host allocation after the first accumulation),
-#   sets ``.grad = None`` and drops the device gradient when the copy's event
-#   has completed. The host add runs on a single helper thread (so a large add
+#   sets ``.grad`` to a zero placeholder (Rule 18) and drops the device gradient
+#   when the copy's event has completed. The host add runs on a single helper thread (so a large add
 #   does not hold up the autograd thread's kernel launches); entering phase HOST
 #   waits for it and points ``.grad`` at the accumulator again. The copy, the
 #   staging ring and the adder thread are ``GradOffload`` (lms/weights_grads.py).
@@ -141,12 +141,12 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   what AccumulateGrad had summed before the error, exactly as without LMS, and
 #   the shells are released. The second callback of Rule 8 is a ``_BackwardEnd``
 #   too, so a reducer whose own end-of-backward raises (a collective that timed
-#   out) leaves the same state. (Checked on the CPU, where the backward runs on the
-#   caller's thread. On CUDA a device thread may drop the graph task a moment
-#   after the caller sees the error; if that came after the user's zero_grad(),
-#   the taken gradients would reappear in the next step. The gpu test
-#   ``test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient`` looks
-#   for that; it has not run yet.)
+#   out) leaves the same state. On the CPU the backward runs on the caller's
+#   thread, which frees the callback before the error reaches it. On CUDA a device
+#   thread may free it a moment after the caller has seen the error and called
+#   ``zero_grad()``; Rule 18 keeps that correct (simulated on the CPU; the gpu test
+#   ``test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient`` has
+#   not run yet).
 # Rule 14 (``remove()`` mid-step). Between a forward and the end of its backward
 #   autograd holds views of the shells (Rule 2). ``remove()`` then fills every
 #   shell from its master and makes it the parameter's data (instead of a fresh
@@ -189,6 +189,17 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   whose writes move no counter. Unseen: a write through ``.data`` taken while
 #   the shell was resident (inside the owning module's forward, or after a guarded
 #   read fetched it); that write is lost when the shell is released.
+# Rule 18 (a sent gradient stays visible). Once a gradient is sent to the host,
+#   ``.grad`` shows a zero placeholder (an expanded one-element device tensor, one
+#   per parameter) until the backward's end points it at the accumulator. Were it
+#   None, a backward that raised and whose end came only after the user's
+#   ``zero_grad()`` (Rule 13 on CUDA) would bring the taken gradient back. The
+#   end (``_settle_stand_in``) reads what the user did to the placeholder: set to
+#   None, the accumulated gradient is dropped; zeroed in place (its version moved)
+#   or replaced, that value goes into the accumulator; untouched, the accumulator
+#   holds the gradient. Code that reads ``.grad`` between LMS's grad hook and the
+#   end of the backward (another post-accumulate-grad hook) sees zeros, as it saw
+#   None before: the value is on its way to the host.
 """
 
 from __future__ import annotations
@@ -280,6 +291,11 @@ class PagedParam:
         self.acc: torch.Tensor | None = None  # host gradient accumulator
         self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
         self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
+        # Rule 18: the zero placeholder ``.grad`` shows once the gradient is sent, the
+        # placeholder's version then, and whether it is shown now.
+        self.stand_in: torch.Tensor | None = None
+        self.stand_in_version = 0
+        self.stand_in_shown = False
         self.armed = False  # its gradient hooks are installed (Rule 5)
         # Rule 17: the parameter's version when its shell was last filled, and whether
         # it was handed out through ``.data`` (whose writes bump no version) since.
@@ -738,8 +754,13 @@ class WeightPaging:
                     continue
                 if pp in self._awaiting:
                     self._awaiting.discard(pp)
-                    self.grads.send(pp)
-                elif self.phase is Phase.DEVICE and p.grad is not None and p.grad is not pp.acc:
+                    self._send(pp)
+                elif (
+                    self.phase is Phase.DEVICE
+                    and p.grad is not None
+                    and p.grad is not pp.acc
+                    and not pp.stand_in_shown  # Rule 18: already sent
+                ):
                     # Announced before LMS's own grad hook ran (the reducer's hook came
                     # first), or a parameter unused here that the reducer filled in.
                     if not pp.grad_taken:
@@ -757,7 +778,7 @@ class WeightPaging:
                         self._reducer_first = True
                         if pp.acc_valid:
                             raise _reducer_first_error(pp.name)
-                    self.grads.send(pp)
+                    self._send(pp)
             if self._ended_awaiting and not self._awaiting:
                 self._ended_awaiting = False
                 self._finish_backward()
@@ -877,6 +898,7 @@ class WeightPaging:
         for pp in self.paged:
             p = pp.param
             self._set_guard(pp, False)  # Rule 16: the masters are always readable
+            self._settle_stand_in(pp)
             p.data = pp.master
             if pp.grad_taken:
                 p.grad = pp.acc if pp.acc_valid else None
@@ -895,7 +917,7 @@ class WeightPaging:
     def _awaiting_flush(self) -> None:
         for pp in list(self._awaiting):
             self._awaiting.discard(pp)
-            self.grads.send(pp)
+            self._send(pp)
         self._ended_awaiting = False
 
     # -- residency -----------------------------------------------------------
@@ -1109,6 +1131,11 @@ class WeightPaging:
         with self.rt.lock:
             p = pp.param
             g = p.grad
+            if pp.stand_in_shown:
+                # Sent in an earlier backward of this phase that has not ended (it raised,
+                # and its end is still to come): the accumulator holds it (Rule 18).
+                self._settle_stand_in(pp)
+                g = pp.acc if pp.acc_valid else None
             if g is None:
                 # A second backward in the same DEVICE phase finds None because LMS
                 # took the gradient before; only a user's zero_grad clears it.
@@ -1144,7 +1171,7 @@ class WeightPaging:
             # Rule 4: every use of the parameter in this backward has run.
             self._release(pp)
             if self._deferred:
-                if param.grad is not None:
+                if param.grad is not None and not pp.stand_in_shown:  # Rule 18: not sent yet
                     if pp.acc_valid:
                         if self._reducer_first:
                             # The reducer already copied this .grad, without the fold.
@@ -1152,7 +1179,36 @@ class WeightPaging:
                         self.grads.fold(pp)  # Rule 8: the reducer sees the whole sum
                     self._awaiting.add(pp)
                 return
-            self.grads.send(pp)
+            self._send(pp)
+
+    def _send(self, pp: PagedParam) -> None:
+        """Move ``pp``'s device gradient to the host; ``.grad`` shows a placeholder (Rule 18)."""
+        if pp.param.grad is None or pp.stand_in_shown:
+            return  # nothing to send, or already sent (the placeholder shows)
+        self.grads.send(pp)
+        if self.phase is not Phase.DEVICE:
+            return
+        if pp.stand_in is None:
+            zero = torch.zeros((), dtype=pp.param.dtype, device=pp.shell.device)
+            pp.stand_in = zero.expand(pp.param.shape)
+        pp.param.grad = pp.stand_in
+        pp.stand_in_version = pp.stand_in._version
+        pp.stand_in_shown = True
+
+    def _settle_stand_in(self, pp: PagedParam) -> None:
+        """Fold what the user did to the placeholder ``.grad`` into the accumulator (Rule 18)."""
+        if not pp.stand_in_shown:
+            return
+        pp.stand_in_shown = False
+        g = pp.param.grad
+        if g is None:  # zero_grad() (set_to_none)
+            pp.acc_valid = False
+        elif g is not pp.stand_in or g._version != pp.stand_in_version:
+            # zero_grad(set_to_none=False) zeroed it, or the user assigned a gradient.
+            self.grads.reap(block=True)  # adds into acc must land first
+            with torch.no_grad():
+                pp.acc.copy_(g)
+            pp.acc_valid = True
 
     def _on_backward_end(self) -> None:
         with self.rt.lock:
@@ -1194,6 +1250,7 @@ class WeightPaging:
     def _show_grad(self, pp: PagedParam) -> None:
         """Point ``.grad`` at the accumulator again (or None), in phase DEVICE too."""
         p = pp.param
+        self._settle_stand_in(pp)
         p.data = pp.master  # .grad must match the data's device when assigned
         p.grad = pp.acc if pp.acc_valid else None
         p.data = pp.shell  # phase DEVICE: the data is the shell (Rule 1)

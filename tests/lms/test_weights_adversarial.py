@@ -618,6 +618,52 @@ def test_exception_in_backward_then_training_goes_on(zero):
     assert handle.runtime.budget.resident_bytes == 0
 
 
+@pytest.mark.parametrize("when", ["before_forward", "after_forward"])
+@pytest.mark.parametrize("user", ["nothing", "set_to_none", "zeros", "assign"])
+def test_a_failed_backward_ended_late_keeps_what_the_user_did_to_grad(user, when, monkeypatch):
+    # On CUDA autograd's device thread may free the failed graph (and LMS's end callback)
+    # after the caller has seen the error (Rule 13). Simulated here: the callback is kept
+    # alive and freed only after the user's reaction, before or after the next forward.
+    # Was: after zero_grad() the gradients LMS had taken came back (Rule 18).
+    import lms.weights as weights
+
+    base, paged = pair(Failing)
+    handle = enable(paged)
+    batches = data(3)
+    free_late = weights._BackwardEnd.__del__
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step(model, opt, *batches[0])
+        held = []
+        monkeypatch.setattr(
+            weights._BackwardEnd, "__del__", lambda end, into=held: into.append(end)
+        )
+        FailsInBackward.fail = True
+        try:
+            with pytest.raises(ValueError, match="backward failed"):
+                F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+        finally:
+            FailsInBackward.fail = False
+            monkeypatch.undo()
+        if user in ("set_to_none", "zeros"):
+            opt.zero_grad(set_to_none=user == "set_to_none")
+        elif user == "assign":
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)
+        if when == "before_forward":
+            for end in held:
+                free_late(end)
+        out = model(batches[2][0])
+        for end in held if when == "after_forward" else ():
+            free_late(end)
+        F.cross_entropy(out, batches[2][1]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_same(base, paged)
+    assert handle.weights.phase is Phase.HOST
+    assert handle.runtime.budget.resident_bytes == 0
+
+
 def test_exception_in_forward_then_training_goes_on():
     base, paged = pair(Failing)
     handle = enable(paged)

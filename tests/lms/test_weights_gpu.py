@@ -201,11 +201,11 @@ def test_cuda_l2_penalty_after_the_forward_reads_fetched_weights_bitwise():
 
 
 def test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient():
-    # NOTE [Weight paging] Rule 13 on CUDA: backward runs on a device thread, which may
-    # free the failed graph task (and with it LMS's end callback) a moment after the
-    # caller sees the error. If LMS ended that backward only after the user's
-    # zero_grad(), the gradients taken before the error would come back and be added
-    # to the next step's. Repeated, so that such a late release would show.
+    # NOTE [Weight paging] Rules 13 and 18 on CUDA: backward runs on a device thread,
+    # which may free the failed graph task (and with it LMS's end callback) a moment
+    # after the caller sees the error. If LMS ended that backward only after the user's
+    # zero_grad(), the gradients taken before the error must not come back (the CPU
+    # test simulates it). Repeated, so that such a late release would happen.
     class Failing(torch.nn.Module):
         def __init__(self):
             super().__init__()
