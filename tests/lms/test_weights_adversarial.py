@@ -594,6 +594,16 @@ class Failing(MLP):
         return self.head(x)
 
 
+def backward_that_fails(model, x, y):
+    """A training forward whose backward raises part-way (FailsInBackward)."""
+    FailsInBackward.fail = True
+    try:
+        with pytest.raises(ValueError, match="backward failed"):
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        FailsInBackward.fail = False
+
+
 @pytest.mark.parametrize("zero", ["none", "zeros", "keep"])
 def test_exception_in_backward_then_training_goes_on(zero):
     # Was: after a backward raised, the gradients LMS had taken stayed hidden from
@@ -604,12 +614,7 @@ def test_exception_in_backward_then_training_goes_on(zero):
     for model in (base, paged):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step(model, opt, *batches[0])
-        FailsInBackward.fail = True
-        try:
-            with pytest.raises(ValueError, match="backward failed"):
-                F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
-        finally:
-            FailsInBackward.fail = False
+        backward_that_fails(model, *batches[1])
         if zero != "keep":
             opt.zero_grad(set_to_none=zero == "none")
         step(model, opt, *batches[2])
@@ -638,12 +643,9 @@ def test_a_failed_backward_ended_late_keeps_what_the_user_did_to_grad(user, when
         monkeypatch.setattr(
             weights._BackwardEnd, "__del__", lambda end, into=held: into.append(end)
         )
-        FailsInBackward.fail = True
         try:
-            with pytest.raises(ValueError, match="backward failed"):
-                F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+            backward_that_fails(model, *batches[1])
         finally:
-            FailsInBackward.fail = False
             monkeypatch.undo()
         if user in ("set_to_none", "zeros"):
             opt.zero_grad(set_to_none=user == "set_to_none")
