@@ -877,7 +877,7 @@ class WeightPaging:
             p.data = pp.shell
         self.phase = Phase.DEVICE
         for pp in self.paged:
-            self._set_guard(pp, pp.where is not Where.RESIDENT)  # Rule 16
+            self._update_guard(pp)  # Rule 16
         if self._graph_pending:
             for pp in self._kept:
                 self._acquire(pp)
@@ -952,7 +952,7 @@ class WeightPaging:
             pp.where = Where.RESIDENT
             pp.version = pp.param._version  # Rule 17
             pp.data_taken = False
-            self._set_guard(pp, False)  # Rule 16
+            self._update_guard(pp)  # Rule 16: resident now, so off
 
     def _release(self, pp: PagedParam) -> None:
         """Free ``pp``'s device storage (Rule 4); waits for an unused fill first."""
@@ -966,7 +966,7 @@ class WeightPaging:
         self.rt.budget.release(pp.nbytes)
         pp.where = Where.OUT
         pp.held = False
-        self._set_guard(pp, self.phase is Phase.DEVICE)  # Rule 16
+        self._update_guard(pp)  # Rule 16
 
     def _write_back(self, pp: PagedParam) -> None:
         """Copy a resident shell that was written in place into its master (Rule 17)."""
@@ -979,6 +979,10 @@ class WeightPaging:
             pp.master.copy_(pp.shell)
         pp.version = pp.param._version
         pp.data_taken = False
+
+    def _update_guard(self, pp: PagedParam) -> None:
+        """Guard ``pp`` exactly while phase is DEVICE and its shell is not resident (Rule 16)."""
+        self._set_guard(pp, self.phase is Phase.DEVICE and pp.where is not Where.RESIDENT)
 
     def _set_guard(self, pp: PagedParam, on: bool) -> None:
         """Put the guard class on ``pp``'s parameter, or give it its own (Rule 16)."""
@@ -1328,7 +1332,7 @@ class WeightPaging:
             if key in state_dict and self.phase is Phase.DEVICE:
                 self._write_back(pp)  # Rule 17: a write to the resident shell
                 state_dict[key] = pp.master
-            self._set_guard(pp, self.phase is Phase.DEVICE and pp.where is not Where.RESIDENT)
+            self._update_guard(pp)
 
     def _load_pre_hook(
         self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any
