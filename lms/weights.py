@@ -3,7 +3,11 @@
 ``attach_weight_paging(model, runtime)`` makes a model whose parameter state does
 not fit under ``limit`` trainable with an unchanged loop. The plan (which
 parameters, what to prefetch) is pure and lives in ``lms/weights_plan.py``; this
-file carries it out with module hooks, gradient hooks and the runtime's streams.
+file carries it out in forward with module hooks and the runtime's streams, and
+``lms/weights_backward.py`` (a base class of ``WeightPaging``) in backward, with
+gradient hooks and end-of-backward callbacks. One parameter's state is a
+``PagedParam`` (``lms/weights_param.py``); what paging assumes about torch's own
+modules is in ``lms/weights_torch.py``.
 
 # NOTE [Weight paging]
 #
@@ -131,22 +135,22 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 #   pre-hook, copied first, seeds deepcopy's memo with parameters made from the
 #   masters; pickling then raises ``LMSError`` (pickle between steps) before any
 #   shell is read.
-# Rule 13 (a backward that raises leaves state as without LMS). An exception
-#   inside backward (a custom Function, a hook, an OOM) skips the end-of-backward
-#   callback, and gradients LMS took would stay hidden (``.grad`` None) while the
-#   accumulator holds them, so the user's ``zero_grad()`` could not clear them.
-#   The callback is a ``_BackwardEnd`` object: the engine frees it unrun with the
-#   failed backward, before the error reaches the caller, and its ``__del__``
-#   ends the backward then: ``.grad`` points at the accumulators again, holding
-#   what AccumulateGrad had summed before the error, exactly as without LMS, and
-#   the shells are released. The second callback of Rule 8 is a ``_BackwardEnd``
-#   too, so a reducer whose own end-of-backward raises (a collective that timed
-#   out) leaves the same state. On the CPU the backward runs on the caller's
-#   thread, which frees the callback before the error reaches it. On CUDA a device
-#   thread may free it a moment after the caller has seen the error and called
+# Rule 13 (a backward that raises leaves state as without LMS). An exception inside
+#   backward (a custom Function, a hook, an OOM) skips the end-of-backward callback,
+#   and gradients LMS took would stay hidden (``.grad`` None) while the accumulator
+#   holds them, so the user's ``zero_grad()`` could not clear them. The callback is
+#   a ``_BackwardEnd`` object (lms/weights_backward.py): the engine frees it unrun
+#   with the failed backward, before the error reaches the caller, and its
+#   ``__del__`` ends the backward then: ``.grad`` points at the accumulators again,
+#   holding what AccumulateGrad had summed before the error, exactly as without LMS,
+#   and the shells are released. The second callback of Rule 8 is a ``_BackwardEnd``
+#   too, so a reducer whose own end-of-backward raises (a collective that timed out)
+#   leaves the same state. On the CPU the backward runs on the caller's thread,
+#   which frees the callback before the error reaches it. On CUDA a device thread
+#   may free it a moment after the caller has seen the error and called
 #   ``zero_grad()``; Rule 18 keeps that correct (simulated on the CPU; the gpu test
-#   ``test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient`` has
-#   not run yet).
+#   ``test_cuda_failed_backward_then_zero_grad_leaves_no_partial_gradient`` has not
+#   run yet).
 # Rule 14 (``remove()`` mid-step). Between a forward and the end of its backward
 #   autograd holds views of the shells (Rule 2). ``remove()`` then fills every
 #   shell from its master and makes it the parameter's data (instead of a fresh
@@ -204,13 +208,11 @@ file carries it out with module hooks, gradient hooks and the runtime's streams.
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
-import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -220,12 +222,12 @@ from torch.utils._pytree import tree_leaves
 
 from .config import format_bytes
 from .errors import LMSError
-from .pool import HostBlock
 from .runtime import ModelHook
-from .transfer import Copy
+from .weights_backward import GradientSide
 from .weights_grads import GradOffload, typed_view
 from .weights_guard import DATA_GET, GUARDABLE, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
+from .weights_param import PagedParam, Phase, Residency, Where
 from .weights_plan import (
     ModuleNeed,
     OrderTracker,
@@ -235,6 +237,7 @@ from .weights_plan import (
     plan_weights,
     prefetch_targets,
 )
+from .weights_torch import autocast_on, backward_reads_weights, borrowed_params
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 
@@ -254,106 +257,6 @@ NO_COMPILE = (
     "storage that LMS has released); run the model without torch.compile, or enable LMS "
     "with weights=False (activation swapping works under torch.compile)"
 )
-
-
-class Phase(enum.Enum):
-    """Where paged parameters point (NOTE [Weight paging] Rule 1)."""
-
-    HOST = "host"
-    DEVICE = "device"
-
-
-class Where(enum.Enum):
-    """State of one shell's storage."""
-
-    OUT = "out"  # 0 bytes on the device
-    FILLING = "filling"  # allocated, host-to-device copy in flight
-    RESIDENT = "resident"  # filled, and the compute stream has waited for it
-
-
-class PagedParam:
-    """One paged parameter: its master, shell, accumulator and residency."""
-
-    def __init__(
-        self, name: str, param: nn.Parameter, master_block: HostBlock, shell: torch.Tensor
-    ) -> None:
-        self.name = name
-        self.param = param
-        self.nbytes = param.numel() * param.element_size()
-        self.master_block = master_block
-        self.master = typed_view(master_block, param)
-        self.shell = shell
-        self.where = Where.OUT
-        self.fill: Copy | None = None
-        self.fwd_users = 0  # forward modules using it now (Rule 4)
-        self.held = False  # needed by backward: only the grad hook or its end releases
-        self.acc_block: HostBlock | None = None
-        self.acc: torch.Tensor | None = None  # host gradient accumulator
-        self.acc_valid = False  # whether acc holds a gradient (``.grad`` is not None)
-        self.grad_taken = False  # _take_grad moved ``.grad`` aside in this DEVICE phase
-        # Rule 18: the zero placeholder ``.grad`` shows once the gradient is sent, the
-        # placeholder's version then, and whether it is shown now.
-        self.stand_in: torch.Tensor | None = None
-        self.stand_in_version = 0
-        self.stand_in_shown = False
-        self.armed = False  # its gradient hooks are installed (Rule 5)
-        # Rule 17: the parameter's version when its shell was last filled, and whether
-        # it was handed out through ``.data`` (whose writes bump no version) since.
-        self.version = 0
-        self.data_taken = False
-        # NOTE [Guarded parameters] Rule 4: only an exact nn.Parameter is ever guarded.
-        self.guardable = type(param) is GUARDABLE
-
-    def storage(self) -> torch.UntypedStorage:
-        return self.shell.untyped_storage()
-
-
-class _Residency:
-    """Per-module residency, computed on demand for ``prefetch_targets``.
-
-    As ``sizes``: bytes a module would still bring in. As ``skip``: whether all of
-    its parameters are resident or in flight.
-    """
-
-    def __init__(
-        self, module_params: list[list[PagedParam]], unneeded: frozenset[int] | set[int]
-    ) -> None:
-        self.module_params = module_params
-        self.unneeded = unneeded  # modules whose backward reads no weight (Rule 11)
-
-    def get(self, m: int, default: int = 0) -> int:
-        return sum(pp.nbytes for pp in self.module_params[m] if pp.where is Where.OUT)
-
-    def __contains__(self, m: object) -> bool:
-        if m in self.unneeded:
-            return True
-        return all(pp.where is not Where.OUT for pp in self.module_params[m])  # type: ignore[index]
-
-
-class _BackwardEnd:
-    """The end-of-backward callback; dropped unrun when the backward raised (Rule 13).
-
-    The engine holds queued callbacks in the backward's graph task and frees them
-    with it, before the error reaches the caller. One that is freed without having
-    run tells the pager that the backward failed.
-    """
-
-    __slots__ = ("pager", "ran", "__weakref__")
-
-    def __init__(self, pager: WeightPaging) -> None:
-        self.pager = weakref.ref(pager)
-        self.ran = False
-
-    def __call__(self) -> None:
-        self.ran = True
-        pager = self.pager()
-        if pager is not None:
-            pager._on_backward_end()
-
-    def __del__(self) -> None:
-        pager = self.pager()
-        if not self.ran and pager is not None and not sys.is_finalizing():
-            pager._backward_abandoned()
 
 
 class _PagedModuleHook(ModelHook):
@@ -389,15 +292,6 @@ class _PagedModuleHook(ModelHook):
         return super().__reduce__()
 
 
-def _reducer_first_error(name: str) -> LMSError:
-    """NOTE [Weight paging] Rule 8: the reducer would reduce a partial gradient."""
-    return LMSError(
-        f"the gradient reducer announced {name!r} before LMS could add the gradient it "
-        "accumulated on the host, so the reduced value would miss it; call lms.enable "
-        "before ddl.wrap (LMS's hooks must run first) when accumulating gradients"
-    )
-
-
 def _mem_available() -> int:
     """Host bytes the OS says are available now (physical RAM if it does not say)."""
     try:
@@ -411,43 +305,6 @@ def _mem_available() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def _backward_reads_weights(module: nn.Module, params: list[PagedParam], device_type: str) -> bool:
-    """Whether a backward through this call of ``module`` may read its paged weights.
-
-    NOTE [Weight paging] Rule 11. Only exact ``nn.Embedding`` (without ``max_norm``)
-    and exact ``nn.Linear`` under autocast with fp32 weights say no; everything else
-    is fetched.
-    """
-    kind = type(module)
-    if kind is nn.Embedding and module.max_norm is None:
-        return False  # the gradient of a lookup needs the indices, not the table
-    if kind is nn.Linear and _autocast_on(device_type):
-        # Autocast runs F.linear in low precision on a cast of the weight; the cast
-        # is what autograd saves, so backward never reads the fp32 weight itself.
-        return any(pp.param.dtype != torch.float32 for pp in params)
-    return True
-
-
-def _borrowed_params(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters that ``module``'s own forward reads although a child module owns them.
-
-    NOTE [Weight paging] Rule 3. ``nn.MultiheadAttention`` passes
-    ``out_proj.weight`` and ``out_proj.bias`` to ``F.multi_head_attention_forward``
-    and never calls ``out_proj`` (an ``nn.Linear``), so its own hooks fetch them.
-    """
-    if isinstance(module, nn.MultiheadAttention):
-        return list(module.out_proj.parameters())
-    return []
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (the per-device query is torch >= 2.4)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:
-        return torch.is_autocast_enabled() if device_type == "cuda" else False
 
 
 def _move_rest_to(model: nn.Module, device: torch.device, paged: dict[int, Any]) -> None:
@@ -473,12 +330,6 @@ def _move_rest_to(model: nn.Module, device: torch.device, paged: dict[int, Any])
                     module._buffers[name] = b.to(device)
 
 
-def _graph_task_id() -> int:
-    """Id of the running backward (-1 outside one; 0 where torch cannot tell)."""
-    get = getattr(torch._C, "_current_graph_task_id", None)
-    return get() if get is not None else 0
-
-
 def plan_for_model(model: nn.Module, runtime: Any) -> WeightPlan:
     """The weight plan for ``model`` under ``runtime``'s limit, min_size and ``weights``.
 
@@ -496,7 +347,7 @@ def plan_for_model(model: nn.Module, runtime: Any) -> WeightPlan:
     return plan_weights(infos, runtime.limit, runtime.min_size, runtime.config.weights)
 
 
-class WeightPaging:
+class WeightPaging(GradientSide):
     """The installed weight pager of one model; ``remove()`` undoes everything.
 
     Built by :func:`attach_weight_paging`. Works as a context manager.
@@ -644,7 +495,7 @@ class WeightPaging:
         for mname, module in self.model.named_modules():
             mine = [
                 self._by_param[id(p)]
-                for p in [*module._parameters.values(), *_borrowed_params(module)]
+                for p in [*module._parameters.values(), *borrowed_params(module)]
                 if p is not None and id(p) in self._by_param
             ]
             if mine:
@@ -656,16 +507,6 @@ class WeightPaging:
             if pp.param.requires_grad:
                 self._arm(pp)
         h.append(register_optimizer_step_pre_hook(self._optimizer_pre))
-
-    def _arm(self, pp: PagedParam) -> None:
-        """Give a trainable parameter its accumulator and gradient hooks (Rule 5)."""
-        if pp.acc is None:
-            pp.acc_block = self.rt.pool.acquire(pp.nbytes)
-            pp.acc = typed_view(pp.acc_block, pp.param)
-        h = self._handles
-        h.append(pp.param.register_hook(functools.partial(self._take_grad, pp)))
-        h.append(pp.param.register_post_accumulate_grad_hook(self._grad_hook))
-        pp.armed = True
 
     def _hook_module(self, mname: str, module: nn.Module, mine: list[PagedParam]) -> int:
         idx = len(self._module_params)
@@ -724,64 +565,6 @@ class WeightPaging:
                 self._hook_module(name, module, [pp])
             elif pp not in self._module_params[idx]:
                 self._module_params[idx].append(pp)
-
-    def defer_grad_offload(self) -> Callable[[Iterable[torch.Tensor]], None]:
-        """Leave gradients on the device until a reducer says they are final (Rule 8).
-
-        Returns:
-            ``grads_ready(params)``: call it with parameters whose ``.grad`` now
-            holds its final (reduced) value; LMS then moves those gradients to
-            host. Parameters LMS does not page are ignored.
-
-        Example:
-            >>> grads_ready = handle.defer_grad_offload()  # doctest: +SKIP
-            >>> ddl.wrap(model, grad_ready=grads_ready)      # doctest: +SKIP
-        """
-        self._deferred = True
-        return self.grads_ready
-
-    def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
-        """Offload the gradients of ``params`` now (see :meth:`defer_grad_offload`).
-
-        Raises:
-            LMSError: if a gradient arrives that LMS cannot combine correctly with the
-                one it accumulated on the host (Rule 8: the reducer's hook ran first).
-        """
-        with self.rt.lock:
-            for p in params:
-                pp = self._by_param.get(id(p))
-                if pp is None:
-                    continue
-                if pp in self._awaiting:
-                    self._awaiting.discard(pp)
-                    self._send(pp)
-                elif (
-                    self.phase is Phase.DEVICE
-                    and p.grad is not None
-                    and p.grad is not pp.acc
-                    and not pp.stand_in_shown  # Rule 18: already sent
-                ):
-                    # Announced before LMS's own grad hook ran (the reducer's hook came
-                    # first), or a parameter unused here that the reducer filled in.
-                    if not pp.grad_taken:
-                        # Unused here: _take_grad never ran, so the reducer made or
-                        # overwrote ``.grad`` (it was not the accumulator) and its value
-                        # is the whole gradient; acc_valid may be stale from an earlier
-                        # step. Taken, so that phase HOST shows it in ``.grad`` (Rule 8).
-                        pp.acc_valid = False
-                        pp.grad_taken = True
-                    else:
-                        # The reducer's hook runs before LMS's (wrapped before enable).
-                        # Harmless until the host holds part of a gradient: from now
-                        # on, a fold in _grad_hook would come after the reducer copied
-                        # the partial value, so it raises too.
-                        self._reducer_first = True
-                        if pp.acc_valid:
-                            raise _reducer_first_error(pp.name)
-                    self._send(pp)
-            if self._ended_awaiting and not self._awaiting:
-                self._ended_awaiting = False
-                self._finish_backward()
 
     def is_paged_storage(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in a paged parameter's device shell (Rule 9)."""
@@ -905,21 +688,6 @@ class WeightPaging:
                 pp.grad_taken = False
         self.phase = Phase.HOST
 
-    def _check_no_awaiting(self, what: str) -> None:
-        if self._awaiting:
-            names = ", ".join(sorted(pp.name for pp in self._awaiting)[:5])
-            raise LMSError(
-                f"{what} came before grads_ready() was called for {len(self._awaiting)} "
-                f"paged parameter(s) ({names}); the gradient reducer that called "
-                "defer_grad_offload() must call grads_ready(params) once their .grad is final"
-            )
-
-    def _awaiting_flush(self) -> None:
-        for pp in list(self._awaiting):
-            self._awaiting.discard(pp)
-            self._send(pp)
-        self._ended_awaiting = False
-
     # -- residency -----------------------------------------------------------
 
     def _fetch(self, pp: PagedParam) -> None:
@@ -1019,7 +787,7 @@ class WeightPaging:
         # Asked only about the modules looked at. Looking back (step -1) is for
         # backward, which does not fetch for modules whose backward reads no weight.
         unneeded = self._no_backward_fetch if step < 0 else frozenset()
-        view = _Residency(self._module_params, unneeded)
+        view = Residency(self._module_params, unneeded)
         free = self.rt.budget.headroom()
         for m in prefetch_targets(order, pos, step, view, free, MAX_AHEAD, view):
             for pp in self._module_params[m]:
@@ -1060,7 +828,7 @@ class WeightPaging:
             params = self._module_params[idx]
             trainable = any(pp.param.requires_grad for pp in params)
             hooked = False
-            needs = _backward_reads_weights(module, params, self.rt.device.type)
+            needs = backward_reads_weights(module, params, self.rt.device.type)
             if needs:
                 self._no_backward_fetch.discard(idx)
             else:
@@ -1076,7 +844,7 @@ class WeightPaging:
             # nothing differentiable; either way no backward will need the weights.
             keep = torch.is_grad_enabled() and trainable and not hooked and output is not None
             self._graph_pending = self._graph_pending or hooked or keep
-            if _autocast_on(self.rt.device.type):
+            if autocast_on(self.rt.device.type):
                 # Autocast caches the low-precision cast of every leaf parameter until
                 # the region ends, which would keep a copy of every paged weight on the
                 # device. Dropping the cache here costs a re-cast for a tied weight
@@ -1094,15 +862,6 @@ class WeightPaging:
                     self._release(pp)
 
     # -- backward hooks ------------------------------------------------------
-
-    def _queue_end(self) -> None:
-        # Keyed by graph task: if a backward raised, its callback never ran, and the
-        # next backward must still queue its own.
-        task = _graph_task_id()
-        if self._callback_queued != task:
-            self._callback_queued = task
-            end = _BackwardEnd(self)
-            torch.autograd.Variable._execution_engine.queue_callback(end)
 
     def _pre_backward(self, idx: int, needs: bool, grad: torch.Tensor) -> None:
         with self.rt.lock:
@@ -1123,167 +882,6 @@ class WeightPaging:
             if pos is not None:
                 self._bwd_cursor = pos
                 self._prefetch(rec, pos, -1)
-
-    def _take_grad(self, pp: PagedParam, incoming: torch.Tensor) -> None:
-        """Just before AccumulateGrad: move what ``.grad`` holds into the accumulator.
-
-        ``.grad`` is whatever the user left there (Rule 5): the accumulator itself
-        (possibly zeroed in place), None (zero_grad(set_to_none=True)), or a tensor
-        they assigned. AccumulateGrad then starts from None and makes a fresh device
-        gradient, which the grad hook copies out and adds to the accumulator.
-        """
-        with self.rt.lock:
-            p = pp.param
-            g = p.grad
-            if pp.stand_in_shown:
-                # Sent in an earlier backward of this phase that has not ended (it raised,
-                # and its end is still to come): the accumulator holds it (Rule 18).
-                self._settle_stand_in(pp)
-                g = pp.acc if pp.acc_valid else None
-            if g is None:
-                # A second backward in the same DEVICE phase finds None because LMS
-                # took the gradient before; only a user's zero_grad clears it.
-                pp.acc_valid = pp.acc_valid and pp.grad_taken
-            elif g is not pp.acc:
-                if g.shape != p.shape:
-                    raise LMSError(
-                        f"parameter {pp.name!r} has a .grad of shape {tuple(g.shape)}; "
-                        "assign gradients of the parameter's shape"
-                    )
-                self.grads.reap(block=True)  # earlier adds into acc must land first
-                with torch.no_grad():
-                    pp.acc.copy_(g)
-                pp.acc_valid = True
-            else:
-                pp.acc_valid = True
-            pp.grad_taken = True
-            p.grad = None
-
-    def _grad_hook(self, param: torch.Tensor) -> None:
-        with self.rt.lock:
-            pp = self._by_param.get(id(param))
-            if pp is None or self.phase is not Phase.DEVICE:
-                return
-            self._queue_end()
-            if param.grad is not None and param.grad.requires_grad:
-                raise LMSError(
-                    f"backward(create_graph=True) made the gradient of paged parameter "
-                    f"{pp.name!r} part of a graph, which LMS cannot move to the host; take "
-                    "higher-order gradients with torch.autograd.grad(..., inputs=...), "
-                    "or raise min_size or limit so that this parameter is not paged"
-                )
-            # Rule 4: every use of the parameter in this backward has run.
-            self._release(pp)
-            if self._deferred:
-                if param.grad is not None and not pp.stand_in_shown:  # Rule 18: not sent yet
-                    if pp.acc_valid:
-                        if self._reducer_first:
-                            # The reducer already copied this .grad, without the fold.
-                            raise _reducer_first_error(pp.name)
-                        self.grads.fold(pp)  # Rule 8: the reducer sees the whole sum
-                    self._awaiting.add(pp)
-                return
-            self._send(pp)
-
-    def _send(self, pp: PagedParam) -> None:
-        """Move ``pp``'s device gradient to the host; ``.grad`` shows a placeholder (Rule 18)."""
-        if pp.param.grad is None or pp.stand_in_shown:
-            return  # nothing to send, or already sent (the placeholder shows)
-        self.grads.send(pp)
-        if self.phase is not Phase.DEVICE:
-            return
-        if pp.stand_in is None:
-            zero = torch.zeros((), dtype=pp.param.dtype, device=pp.shell.device)
-            pp.stand_in = zero.expand(pp.param.shape)
-        pp.param.grad = pp.stand_in
-        pp.stand_in_version = pp.stand_in._version
-        pp.stand_in_shown = True
-
-    def _settle_stand_in(self, pp: PagedParam) -> None:
-        """Fold what the user did to the placeholder ``.grad`` into the accumulator (Rule 18)."""
-        if not pp.stand_in_shown:
-            return
-        pp.stand_in_shown = False
-        g = pp.param.grad
-        if g is None:  # zero_grad() (set_to_none)
-            pp.acc_valid = False
-        elif g is not pp.stand_in or g._version != pp.stand_in_version:
-            # zero_grad(set_to_none=False) zeroed it, or the user assigned a gradient.
-            self.grads.reap(block=True)  # adds into acc must land first
-            with torch.no_grad():
-                pp.acc.copy_(g)
-            pp.acc_valid = True
-
-    def _on_backward_end(self) -> None:
-        with self.rt.lock:
-            self._callback_queued = None
-            self._bwd_cursor = None
-            if self._removed:
-                return
-            if self._deferred and not self._requeued:
-                # Rule 8: run once more after the end-of-backward work that a reducer
-                # queued during this backward (it may still call grads_ready there).
-                # A _BackwardEnd again, not the bound method: if the reducer's own
-                # end raises (a failed collective), it is dropped unrun and Rule 13
-                # still ends this backward.
-                self._requeued = True
-                torch.autograd.Variable._execution_engine.queue_callback(_BackwardEnd(self))
-                return
-            self._requeued = False
-            self.grads.reap(block=True)
-            if self._create_graph:
-                # Rule 15: the graph this backward built reads the weights it fetched,
-                # at nodes LMS cannot hook; they stay until the next backward ends.
-                self._create_graph = False
-                for pp in self.paged:
-                    if pp.where is not Where.OUT:
-                        pp.held = True
-                        self._kept.add(pp)
-                    if pp.grad_taken:
-                        # autograd.grad(loss, params) took .grad aside (Rule 5) without
-                        # accumulating: show it again, so zero_grad() reaches it.
-                        self._show_grad(pp)
-                self._graph_pending = True
-                return
-            if self._awaiting:
-                # Rule 8: the reducer still owes grads_ready; finish when it calls.
-                self._ended_awaiting = True
-                return
-            self._finish_backward()
-
-    def _show_grad(self, pp: PagedParam) -> None:
-        """Point ``.grad`` at the accumulator again (or None), in phase DEVICE too."""
-        p = pp.param
-        self._settle_stand_in(pp)
-        p.data = pp.master  # .grad must match the data's device when assigned
-        p.grad = pp.acc if pp.acc_valid else None
-        p.data = pp.shell  # phase DEVICE: the data is the shell (Rule 1)
-        pp.grad_taken = False
-
-    def _backward_abandoned(self) -> None:
-        """A backward that started ended without its callback: it raised (Rule 13)."""
-        with self.rt.lock:
-            if self._removed or self.phase is Phase.HOST:
-                return
-            self._callback_queued = None
-            self._bwd_cursor = None
-            self._requeued = False
-            self._create_graph = False
-            # Gradients a deferred reducer never announced go to the accumulators, as
-            # AccumulateGrad would have left them in ``.grad`` without LMS.
-            self._awaiting_flush()
-            self.grads.reap(block=True)
-            self._finish_backward()
-
-    def _finish_backward(self) -> None:
-        # Another graph built before this backward may still be waiting for its own
-        # (two forwards, two backwards): its pre-backward hooks must stay. Only the
-        # handles of tensors that are gone are dropped.
-        self._out_hooks = [h for h in self._out_hooks if h.hooks_dict_ref() is not None]
-        self._kept.clear()
-        self._graph_pending = False
-        self.tracker.finish_step()
-        self._enter_host()
 
     # -- optimizer and state_dict --------------------------------------------
 

@@ -21,7 +21,7 @@ from .pool import HostBlock
 from .transfer import Copy
 
 if TYPE_CHECKING:
-    from .weights import PagedParam
+    from .weights_param import PagedParam
 
 __all__ = ["STAGING_SLOTS", "GradOffload", "typed_view"]
 

@@ -23,7 +23,8 @@ from examples.gpt import GPT, GPTConfig, synthetic_batch
 from lms.config import LMSConfig
 from lms.errors import LMSError
 from lms.runtime import Runtime
-from lms.weights import Phase, attach_weight_paging
+from lms.weights import attach_weight_paging
+from lms.weights_param import Phase
 
 # The advice to use fused=True is tested once below; the parity tests use every variant.
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 import lms
 from lms.config import LMSConfig
 from lms.runtime import Runtime
-from lms.weights import Phase, attach_weight_paging
+from lms.weights import attach_weight_paging
+from lms.weights_param import Phase
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
@@ -630,18 +631,18 @@ def test_a_failed_backward_ended_late_keeps_what_the_user_did_to_grad(user, when
     # after the caller has seen the error (Rule 13). Simulated here: the callback is kept
     # alive and freed only after the user's reaction, before or after the next forward.
     # Was: after zero_grad() the gradients LMS had taken came back (Rule 18).
-    import lms.weights as weights
+    import lms.weights_backward as weights_backward
 
     base, paged = pair(Failing)
     handle = enable(paged)
     batches = data(3)
-    free_late = weights._BackwardEnd.__del__
+    free_late = weights_backward._BackwardEnd.__del__
     for model in (base, paged):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step(model, opt, *batches[0])
         held = []
         monkeypatch.setattr(
-            weights._BackwardEnd, "__del__", lambda end, into=held: into.append(end)
+            weights_backward._BackwardEnd, "__del__", lambda end, into=held: into.append(end)
         )
         try:
             backward_that_fails(model, *batches[1])

@@ -15,8 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
-from lms.weights import WeightPaging, Where
+from lms.weights import WeightPaging
 from lms.weights_grads import GradOffload
+from lms.weights_param import Where
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*without fused=True")]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from paged_twins import MLP, enable_paging, twins
 from torch import nn
 
-from lms.weights import Phase, Where
+from lms.weights_param import Phase, Where
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 

@@ -15,7 +15,7 @@ from paged_twins import MLP, enable_paging, twins
 from torch import nn
 
 import lms
-from lms.weights import Phase
+from lms.weights_param import Phase
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
 
