@@ -20,7 +20,7 @@
 #    raises ``LMSError`` instead.
 # 3. Storages, not tensors. Everything is keyed by the storage: a tensor saved
 #    twice, or several views of one storage (``q, k, v = qkv.split(...)``), is one
-#    entry, moved once. Autograd keeps a small ``_Packed`` (entry + view geometry);
+#    entry, moved once. Autograd keeps a small ``Packed`` (entry + view geometry);
 #    unpacking rebuilds the exact view with ``set_``, so values are bitwise equal.
 #    Entries are found again by the storage's data pointer, checked against a weak
 #    reference to the storage so a recycled address is never mistaken for it, and
@@ -37,7 +37,7 @@
 #    the device memory is freed only once the copy's event has completed) -> HOST
 #    -> INCOMING (prefetch in flight) -> BOTH (in use in backward; the host copy
 #    is kept, so evicting it again is free) -> DEAD when autograd drops the last
-#    ``_Packed``. An entry needed while still OUTGOING is used from the device.
+#    ``Packed``. An entry needed while still OUTGOING is used from the device.
 # 5. Limit. Each new entry is charged to the shared budget (NOTE [Memory budget]);
 #    if the budget is exceeded the oldest-saved resident entries are evicted
 #    (NOTE [Swap policy], Rule 1), the new one last. In backward, when gradients
@@ -51,14 +51,14 @@
 #    (NOTE [Copy ordering]). An autograd final callback marks the end of each
 #    (outermost) backward: see ``_track_backward``.
 # 7. Threads. Pack runs on the forward thread, unpack on autograd's device
-#    threads, ``_Packed.__del__`` wherever the graph is freed: all state changes
-#    hold ``runtime.lock``, inside ``_critical``. A ``_Packed`` can also be freed
+#    threads, ``Packed.__del__`` wherever the graph is freed: all state changes
+#    hold ``runtime.lock``, inside ``_critical``. A ``Packed`` can also be freed
 #    by the garbage collector in the middle of a critical section of the same
 #    thread (any allocation may run it); its entry is then queued and released
 #    when the section ends, so no state changes under a running loop.
 # 8. Versions. With saved-tensor hooks installed, autograd skips its check that a
 #    saved tensor was not modified in place before backward, so LMS does it:
-#    each ``_Packed`` keeps the version at save time and a storage-less alias of
+#    each ``Packed`` keeps the version at save time and a storage-less alias of
 #    the saved tensor that shares its version counter (``t.detach()`` with its
 #    data swapped for an empty tensor: ``.data =`` keeps the counter and does not
 #    bump it), and unpacking raises autograd's own error on a mismatch. The alias
@@ -67,7 +67,7 @@
 #    writes autograd cannot see either (through ``.data``) go unnoticed.
 #    Tensors LMS does not move (parameters, buffers, tensors below ``min_size``)
 #    are checked too: autograd's check is off for them as well, so they are
-#    returned wrapped in a ``_Kept`` that remembers their version.
+#    returned wrapped in a ``Kept`` that remembers their version.
 # 9. Storages resized by their owner. FSDP-style code frees a saved tensor's
 #    storage after forward (``resize_(0)``) and refills it before backward, with
 #    no version bump. Such a storage is copied out only while it is still the one
@@ -79,13 +79,13 @@
 #    region). Such a tensor is recognised at save time by its autograd history
 #    (a ``ToCopyBackward0`` straight from the ``AccumulateGrad`` of one of the
 #    model's parameters, same shape and strides) and remembered with its
-#    source (``_CastSource``). Only a cast made during this forward, of a
+#    source (``CastSource``). Only a cast made during this forward, of a
 #    parameter not modified in place since the forward began, is recognised:
 #    autocast's cache lives as long as the autocast region, not the forward, so
 #    a training loop inside one region, or a weight updated in forward after its
 #    first use, is handed a cast of values the parameter no longer holds; such a
 #    cast is swapped like any activation, and so is a cast written in place
-#    since it was made (version not 0). ``_Castable`` notes, per thread
+#    since it was made (version not 0). ``Castable`` notes, per thread
 #    (autograd numbers its nodes per thread), where the forward began. While a
 #    cast fits it stays resident like any entry; evicting it drops it
 #    (``Where.DROPPED``): no copy out, none back, and backward makes it again
@@ -99,6 +99,10 @@
 #    so does one whose data was replaced (``param.data = ...``, no version bump).
 #    Paged parameters are left out: their shells are empty in backward (NOTE
 #    [Weight paging] Rule 11), so their casts are swapped like any activation.
+
+The records these rules speak of (``Where``, ``Entry``, ``Packed``, ``Kept``) are in
+lms/activations_entry.py; how Rule 10 recognises a cast and makes it again is in
+lms/activations_recast.py.
 """
 
 from __future__ import annotations
@@ -106,22 +110,22 @@ from __future__ import annotations
 import enum
 import functools
 import itertools
-import sys
 import threading
-import weakref
 from collections import OrderedDict, deque
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .activations_entry import Entry, Kept, Packed, Where
+from .activations_recast import Castable, cast_source
 from .errors import LMSError
 from .policy import is_swappable_size, must_wait_for_copies, plan_evictions, plan_prefetch
 from .runtime import ModelHook, Runtime, is_oom
 from .transfer import Copy
 
-__all__ = ["ActivationSwapper", "Phase", "Where"]
+__all__ = ["ActivationSwapper", "Phase"]
 
 
 class Phase(enum.Enum):
@@ -130,179 +134,6 @@ class Phase(enum.Enum):
     IDLE = "idle"  # outside the model's forward, no backward seen yet
     FORWARD = "forward"  # inside a training forward: tensors are being saved
     BACKWARD = "backward"  # saved tensors are being unpacked
-
-
-class Where(enum.Enum):
-    """Where one saved storage lives (NOTE [Activation swapping], Rule 4)."""
-
-    DEVICE = "device"
-    OUTGOING = "outgoing"
-    HOST = "host"
-    INCOMING = "incoming"
-    BOTH = "both"
-    OWNED = "owned"  # resized by its owner after it was saved: used in place (Rule 9)
-    DROPPED = "dropped"  # a parameter's cast, freed; cast again when backward needs it (Rule 10)
-    DEAD = "dead"
-
-
-class _Entry:
-    """One saved storage and where it lives."""
-
-    __slots__ = (
-        "seq",
-        "nbytes",
-        "ptr",
-        "storage_ref",
-        "where",
-        "storage",
-        "block",
-        "copy",
-        "refs",
-        "wanted",
-        "version",
-        "family",
-        "source",
-    )
-
-    def __init__(
-        self, seq: int, storage: Any, ptr: int, nbytes: int, version: int, root: torch.Tensor
-    ) -> None:
-        self.seq = seq
-        self.nbytes = nbytes
-        self.version = version  # the saved tensor's version when the entry was made (Rule 3)
-        self.family = weakref.ref(root)  # whose version counter ``version`` was read from
-        self.ptr = ptr  # storage.data_ptr(), which the caller has read already
-        self.storage_ref = weakref.ref(storage)
-        self.where = Where.DEVICE
-        self.storage = storage  # the device storage while LMS holds one, else None
-        self.block = None  # HostBlock holding the host copy, once swapped
-        self.copy: Copy | None = None  # the copy in flight, if any
-        self.refs = 1  # live _Packed objects: made for the first one
-        self.wanted = False  # unpacked while OUTGOING: keep the device copy
-        self.source: _CastSource | None = None  # set when the storage is a parameter's cast
-
-
-class _CastSource:
-    """The parameter a saved storage was cast from, to make it again (Rule 10)."""
-
-    __slots__ = ("param", "dtype", "version", "storage")
-
-    def __init__(self, param: nn.Parameter, dtype: torch.dtype) -> None:
-        self.param = param
-        self.dtype = dtype
-        self.version = param._version  # the cast holds these values
-        # ``param.data = ...`` bumps no version; the StorageImpl's address tells
-        # (a storage resized in place by its owner keeps it, as in Rule 9).
-        self.storage = param.untyped_storage()._cdata
-
-    def cast(self, nbytes: int) -> Any:
-        """The cast made again: a storage bitwise equal to the one autocast saved."""
-        p = self.param
-        if p._version != self.version:
-            raise LMSError(
-                f"a parameter ({p.dtype} {list(p.shape)}) was modified in place between "
-                f"forward and backward (version {p._version}, expected {self.version}). "
-                f"LMS freed its {self.dtype} cast that autocast saved for backward and "
-                "makes it again from the parameter, which would now give other values. "
-                "Modify parameters (e.g. optimizer.step()) only after the backward"
-            )
-        if p.untyped_storage()._cdata != self.storage:
-            raise LMSError(
-                f"a parameter ({p.dtype} {list(p.shape)}) had its data replaced (param.data "
-                "= ..., model.half()) between forward and backward. LMS freed its "
-                f"{self.dtype} cast that autocast saved for backward and makes it again from "
-                "the parameter, which would now give other values. Replace parameters' data "
-                "only after the backward"
-            )
-        with torch.no_grad():
-            storage = p.detach().to(self.dtype).untyped_storage()
-        if storage.nbytes() != nbytes:  # excluded at save time: a bug if it happens
-            raise LMSError(f"re-cast gave {storage.nbytes()} bytes, expected {nbytes}")
-        return storage
-
-
-class _Castable(NamedTuple):
-    """Where this thread's training forward began, for recognising fresh casts (Rule 10)."""
-
-    since: int  # autograd's next node number on this thread: nodes made later are newer
-    params: dict[int, tuple[nn.Parameter, int]]  # by id: the parameter, and its version then
-
-
-def _cast_source(root: torch.Tensor, castable: _Castable) -> _CastSource | None:
-    """The parameter ``root`` is a plain dtype cast of, if one of ``castable`` (Rule 10)."""
-    fn = root.grad_fn
-    if fn is None or type(fn).__name__ != "ToCopyBackward0":
-        return None
-    if fn._sequence_nr() < castable.since:
-        return None  # made before this forward, from autocast's cache: maybe of older values
-    acc = fn.next_functions[0][0]
-    param, version = castable.params.get(id(getattr(acc, "variable", None)), (None, None))
-    if (
-        param is None
-        or param._version != version  # modified in this forward: the cast may predate it
-        or root._version != 0  # written in place since the cast (under no_grad): other values
-        or param.dtype == root.dtype
-        or param.device != root.device
-        or param.shape != root.shape
-        or param.stride() != root.stride()
-        or root.storage_offset() != 0
-    ):
-        return None
-    return _CastSource(param, root.dtype)
-
-
-class _Packed:
-    """What autograd stores in place of a saved tensor: its entry and view geometry."""
-
-    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "counter")
-
-    def __init__(
-        self, owner: ActivationSwapper, entry: _Entry, t: torch.Tensor, counter: torch.Tensor
-    ) -> None:
-        self.owner = owner
-        self.entry = entry
-        self.dtype = t.dtype
-        self.offset = t.storage_offset()
-        self.size = t.size()
-        self.stride = t.stride()
-        self.version = entry.version
-        self.counter = counter  # Rule 8: shares t's version counter, holds no storage
-
-    def check_version(self) -> None:
-        """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
-        now = self.counter._version
-        if now != self.version:
-            _raise_modified(self.dtype, self.size, now, self.version)
-
-    def __del__(self) -> None:
-        if not sys.is_finalizing():
-            self.owner._drop(self.entry)
-
-
-class _Kept:
-    """A saved tensor LMS does not move, with its version at save time (Rule 8)."""
-
-    __slots__ = ("tensor", "version")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.tensor = t
-        self.version = t._version
-
-    def unwrap(self) -> torch.Tensor:
-        t = self.tensor
-        if t._version != self.version:
-            _raise_modified(t.dtype, t.size(), t._version, self.version)
-        return t
-
-
-def _raise_modified(dtype: torch.dtype, size: Any, now: int, expected: int) -> None:
-    raise RuntimeError(
-        "one of the variables needed for gradient computation has been modified by an "
-        f"inplace operation: [{dtype} {list(size)}] is at version {now}; expected version "
-        f"{expected} instead. (Detected by LMS: saved-tensor hooks switch off autograd's own "
-        "check.) Hint: enable anomaly detection to find the operation that failed to compute "
-        "its gradient, with torch.autograd.set_detect_anomaly(True)."
-    )
 
 
 class _Section:
@@ -337,7 +168,7 @@ class _Section:
             owner.lock.release()
 
 
-def _pending(e: _Entry) -> bool:
+def _pending(e: Entry) -> bool:
     """Swapped out and not yet asked back: a prefetch candidate (Rule 6)."""
     return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
 
@@ -381,24 +212,24 @@ class ActivationSwapper:
         # need not end in the order they began (Rule 1).
         self._threads = threading.local()
         self._frozen: set[int] = set()  # storage pointers of parameters and buffers
-        self._index: dict[int, _Entry] = {}  # storage data_ptr -> live entry
+        self._index: dict[int, Entry] = {}  # storage data_ptr -> live entry
         # Entries on the device, in save order: not yet used in backward (evicted
         # first, also in backward), and already used or brought back (evicted in
         # forward only: they are in use).
-        self._resident: OrderedDict[int, _Entry] = OrderedDict()
-        self._returned: OrderedDict[int, _Entry] = OrderedDict()
+        self._resident: OrderedDict[int, Entry] = OrderedDict()
+        self._returned: OrderedDict[int, Entry] = OrderedDict()
         # Casts of parameters on the device, not yet used in backward: evicted
         # before anything in ``_resident``, since dropping them is free (Rule 10).
-        self._resident_casts: OrderedDict[int, _Entry] = OrderedDict()
-        self._outgoing: deque[_Entry] = deque()  # device-to-host copies in flight, FIFO
+        self._resident_casts: OrderedDict[int, Entry] = OrderedDict()
+        self._outgoing: deque[Entry] = deque()  # device-to-host copies in flight, FIFO
         self._outgoing_bytes = 0
-        self._swapped: list[_Entry] = []  # entries ever evicted, in eviction (= save) order
-        self._prefetched: dict[int, _Entry] = {}  # INCOMING entries, not yet unpacked
+        self._swapped: list[Entry] = []  # entries ever evicted, in eviction (= save) order
+        self._prefetched: dict[int, Entry] = {}  # INCOMING entries, not yet unpacked
         self._cursor = -1  # prefetch position in _swapped, walking down in backward
         self._graveyard: deque[Copy] = deque()  # copies whose entry died while in flight
         self._largest = 0
         self._depth = 0  # critical sections open on the thread holding the lock (Rule 7)
-        self._deferred: list[_Entry] = []  # entries that died inside a nested section
+        self._deferred: list[Entry] = []  # entries that died inside a nested section
         self._tasks: set[int] = set()  # autograd graph tasks (backwards) running now
         self._section = _Section(self)
         # Parameters and buffers, listed once: their storage pointers are re-read
@@ -407,7 +238,7 @@ class ActivationSwapper:
         # Parameters whose casts may be dropped and made again (Rule 10): the
         # model's parameters except the paged ones, which ``lms.enable`` lists in
         # ``paged`` once weight paging is attached. Each training forward puts a
-        # ``_Castable`` of them in ``self._threads.castable``.
+        # ``Castable`` of them in ``self._threads.castable``.
         self.paged: frozenset[int] = frozenset()
         # Where the first parameter lives once ``lms.enable`` is done (it sets this,
         # after weight paging may have moved a host-built model to the device): a
@@ -466,7 +297,7 @@ class ActivationSwapper:
                 self._end_backward()
             self.phase = Phase.FORWARD
             self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
-            self._threads.castable = _Castable(
+            self._threads.castable = Castable(
                 torch._C._autograd._get_sequence_nr(),
                 {
                     id(t): (t, t._version)
@@ -530,19 +361,19 @@ class ActivationSwapper:
 
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._eligible(t):
-            return _Kept(t)  # Rule 8: still checked for in-place writes
+            return Kept(t)  # Rule 8: still checked for in-place writes
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
         ptr = storage.data_ptr()
         if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
-            return _Kept(t)
+            return Kept(t)
         version = t._version
         counter = t.detach()  # Rule 8
         counter.data = self._empty
         base = t._base
         root = t if base is None else base  # the family sharing t's version counter (Rule 3)
         castable = getattr(self._threads, "castable", None)
-        source = _cast_source(root, castable) if castable and castable.params else None
+        source = cast_source(root, castable) if castable and castable.params else None
         with self._section:
             entry = self._index.get(ptr)
             if (
@@ -552,10 +383,10 @@ class ActivationSwapper:
                 and entry.family() is root
             ):
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
-                return _Packed(self, entry, t, counter)
-            entry = _Entry(next(self._seq), storage, ptr, nbytes, version, root)
+                return Packed(self, entry, t, counter)
+            entry = Entry(next(self._seq), storage, ptr, nbytes, version, root)
             entry.source = source
-            packed = _Packed(self, entry, t, counter)  # if anything below raises, this frees it
+            packed = Packed(self, entry, t, counter)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
                 self._largest = nbytes
@@ -563,7 +394,7 @@ class ActivationSwapper:
             self._admit(entry)
             return packed
 
-    def _admit(self, entry: _Entry) -> None:
+    def _admit(self, entry: Entry) -> None:
         """Charge a new entry, evicting oldest-saved first to stay under the limit.
 
         NOTE [Swap policy], Rules 1 and 3. The new entry is needed first in
@@ -596,7 +427,7 @@ class ActivationSwapper:
             if freed < need:
                 block = self.pool.acquire(entry.nbytes)
         except BaseException:
-            # The host is full: the entry stays resident, and _drop releases it.
+            # The host is full: the entry stays resident, and drop releases it.
             self.budget.charge(entry.nbytes)
             self._resident[entry.seq] = entry
             raise
@@ -616,7 +447,7 @@ class ActivationSwapper:
             self.transfers.block_on(self._outgoing[0].copy)
             self._reap()
 
-    def _enforce_limit(self, protect: _Entry | None = None) -> None:
+    def _enforce_limit(self, protect: Entry | None = None) -> None:
         """In backward: evict not-yet-used entries, oldest saved first, while over the limit.
 
         Entries already brought back (BOTH) are in use, or about to be used again
@@ -640,7 +471,7 @@ class ActivationSwapper:
             self._evict_oldest(need, in_use_too=self.phase is not Phase.BACKWARD)
             self._throttle(need)
 
-    def _evict_oldest(self, need: int, in_use_too: bool, protect: _Entry | None = None) -> int:
+    def _evict_oldest(self, need: int, in_use_too: bool, protect: Entry | None = None) -> int:
         """Evict resident entries, oldest saved first, until ``need`` bytes leave.
 
         NOTE [Swap policy] Rule 1. ``in_use_too`` also offers the entries already
@@ -669,7 +500,7 @@ class ActivationSwapper:
             freed += victim.nbytes
         return freed
 
-    def _evict(self, entry: _Entry) -> None:
+    def _evict(self, entry: Entry) -> None:
         """Send a resident entry to the host (or just drop its device copy if it has one)."""
         if entry.source is not None:
             self._unlist(entry)
@@ -695,17 +526,17 @@ class ActivationSwapper:
         self.budget.leaving(entry.nbytes)
         self._send_out(entry, block)
 
-    def _unlist(self, entry: _Entry) -> None:
+    def _unlist(self, entry: Entry) -> None:
         seq = entry.seq
         if self._resident.pop(seq, None) is None and self._returned.pop(seq, None) is None:
             self._resident_casts.pop(seq, None)
 
-    def _drop_cast(self, entry: _Entry) -> None:
+    def _drop_cast(self, entry: Entry) -> None:
         """Let go of a parameter's cast: backward makes it again (Rule 10). Uncharged."""
         entry.storage = None
         entry.where = Where.DROPPED
 
-    def _send_out(self, entry: _Entry, block: Any) -> None:
+    def _send_out(self, entry: Entry, block: Any) -> None:
         entry.block = block
         flat = self._blank(torch.uint8).new().set_(entry.storage)
         entry.copy = self.transfers.to_host(flat, block)
@@ -740,8 +571,8 @@ class ActivationSwapper:
     # -- unpack: backward ---------------------------------------------------
 
     def _unpack(self, packed: Any) -> torch.Tensor:
-        if type(packed) is not _Packed:
-            if type(packed) is _Kept:
+        if type(packed) is not Packed:
+            if type(packed) is Kept:
                 return packed.unwrap()  # Rule 8
             return packed  # not ours: returned as saved
         packed.check_version()  # Rule 8, before anything changes
@@ -766,7 +597,7 @@ class ActivationSwapper:
         out = self._blank(packed.dtype).new()
         return out.set_(storage, packed.offset, packed.size, packed.stride)
 
-    def _bring_back(self, entry: _Entry) -> None:
+    def _bring_back(self, entry: Entry) -> None:
         """Make a swapped entry usable on the device (it may still be on its way out)."""
         if entry.where is Where.DROPPED:
             entry.storage = entry.source.cast(entry.nbytes)  # Rule 10
@@ -836,7 +667,7 @@ class ActivationSwapper:
         if need > 0:
             self._evict_oldest(need, in_use_too=True)
 
-    def _fetch(self, entry: _Entry) -> None:
+    def _fetch(self, entry: Entry) -> None:
         try:
             copy = self.transfers.to_device(entry.block, entry.nbytes)
         except RuntimeError as e:
@@ -878,8 +709,11 @@ class ActivationSwapper:
 
     # -- death --------------------------------------------------------------
 
-    def _drop(self, entry: _Entry) -> None:
-        """One ``_Packed`` of ``entry`` was freed by autograd (or the garbage collector)."""
+    def drop(self, entry: Entry) -> None:
+        """One ``Packed`` of ``entry`` was freed by autograd (or the garbage collector).
+
+        Called by ``Packed.__del__``, on whichever thread freed it (Rule 7).
+        """
         with self._section:
             entry.refs -= 1
             if entry.refs > 0:
@@ -891,7 +725,7 @@ class ActivationSwapper:
                 return
             self._release(entry)
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: Entry) -> None:
         """Free what a dead entry holds (device copy, host block, budget)."""
         if self._index.get(entry.ptr) is entry:
             del self._index[entry.ptr]

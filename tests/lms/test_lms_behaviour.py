@@ -11,7 +11,7 @@ from torch import nn
 
 import lms
 from examples.gpt import GPT, GPTConfig, synthetic_batch
-from lms.activations import Where
+from lms.activations_entry import Where
 
 
 def small_gpt(batch=4):
@@ -416,7 +416,7 @@ def test_cross_entropy_only_model_with_integer_saves():
 
 
 def test_an_entry_freed_inside_a_critical_section_is_released_after_it():
-    # The garbage collector can free a saved tensor's _Packed at any allocation,
+    # The garbage collector can free a saved tensor's Packed at any allocation,
     # also in the middle of LMS's own bookkeeping; the release waits for the end.
     from lms.activations import ActivationSwapper
     from lms.config import LMSConfig
