@@ -24,7 +24,9 @@
 #    during backward for buckets that finished early, in ``_finalize`` for the rest.
 #    This is where ``lms`` can page gradients to the host; ddl never imports lms.
 #    Under ``no_sync()`` nothing is reduced, so each hook calls ``grad_ready([param])``
-#    at once: every gradient produced in a backward is announced exactly once.
+#    at once: every gradient produced in a backward is announced exactly once. A
+#    ``grad_ready`` with a ``close()`` method is told so by ``remove()``: a pager that
+#    waits for announcements (lms's does) then stops waiting, and can be kept.
 # 7. A backward that raises (a user error, a failed collective, ``ddl.shutdown()`` in
 #    between) never runs ``_finalize``. The engine then drops the callback object unrun,
 #    which the next hook sees through a weak reference (not the graph task id: a reentrant
@@ -283,6 +285,9 @@ class GradSync:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        close = getattr(self._grad_ready, "close", None)
+        if callable(close):
+            close()  # NOTE [Bucket lifecycle] rule 6: no more announcements come
 
     def __enter__(self) -> GradSync:
         return self
@@ -559,7 +564,8 @@ def wrap(
         algorithm: allreduce algorithm per bucket (``"auto"`` asks the cost model).
         grad_ready: called with a bucket's parameters once their reduced gradients are
             in ``.grad``, in bucket order, during or at the end of backward (the hook
-            point for ``lms`` gradient paging).
+            point for ``lms`` gradient paging). If it has a ``close()`` method,
+            ``remove()`` calls it.
         first_bucket_size: cap of the first bucket, so communication starts early.
         broadcast: copy rank 0's parameters and buffers to all ranks now.
         broadcast_buffers: copy rank 0's buffers to all ranks before forwards, as DDP's

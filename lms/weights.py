@@ -100,7 +100,9 @@ modules is in ``lms/weights_torch.py``.
 #   its backward in a second end-of-backward callback, after the reducer's own,
 #   so gradients the reducer writes there (parameters unused on this rank) are
 #   taken too: such a gradient replaces whatever the accumulator held, and
-#   ``.grad`` shows it in phase HOST as it would without LMS.
+#   ``.grad`` shows it in phase HOST as it would without LMS. ``grads_ready`` is a
+#   ``GradsReady``; its ``close()`` (ddl's ``remove()`` calls it) ends the wait:
+#   gradients still awaited go to the host as they are, later ones at once.
 # Rule 9 (activations are not ours). The activation path never swaps a
 #   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
 #   which covers everything autograd saves from a shell; a copy made from a
@@ -223,7 +225,7 @@ from torch.utils._pytree import tree_leaves
 from .config import format_bytes
 from .errors import LMSError
 from .runtime import ModelHook
-from .weights_backward import GradientSide
+from .weights_backward import GradientSide, GradsReady
 from .weights_grads import GradOffload, typed_view
 from .weights_guard import DATA_GET, GUARDABLE, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
@@ -378,7 +380,7 @@ class WeightPaging(GradientSide):
         self._out_hooks: list[Any] = []  # pre-backward tensor hooks of pending graphs
         self._kept: set[PagedParam] = set()
         self._awaiting: set[PagedParam] = set()
-        self._deferred = False
+        self._reducers: set[GradsReady] = set()  # Rule 8
         self._graph_pending = False
         self._callback_queued: int | None = None
         self._ended_awaiting = False

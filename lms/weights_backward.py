@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +26,7 @@ from .weights_torch import graph_task_id
 if TYPE_CHECKING:
     from .weights import WeightPaging
 
-__all__ = ["GradientSide"]
+__all__ = ["GradientSide", "GradsReady"]
 
 
 class _BackwardEnd:
@@ -64,20 +64,45 @@ def _reducer_first_error(name: str) -> LMSError:
     )
 
 
+class GradsReady:
+    """What :meth:`GradientSide.defer_grad_offload` hands a gradient reducer (Rule 8).
+
+    Call it with parameters whose ``.grad`` holds its final (reduced) value; LMS
+    then moves those gradients to the host. ``close()`` says the reducer is gone
+    (``ddl``'s handle calls it from ``remove()``): gradients still awaited go to
+    the host as they are, and once no reducer defers, LMS offloads each gradient
+    as soon as AccumulateGrad has made it again. Idempotent.
+    """
+
+    __slots__ = ("_pager", "closed")
+
+    def __init__(self, pager: GradientSide) -> None:
+        self._pager = pager
+        self.closed = False
+
+    def __call__(self, params: Iterable[torch.Tensor]) -> None:
+        self._pager.grads_ready(params)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._pager._reducer_gone(self)
+
+
 class GradientSide:
     """Backward-time methods of :class:`~lms.weights.WeightPaging`.
 
     A base class of ``WeightPaging`` only: its state is initialized in
     ``WeightPaging.__init__`` and shared with the forward side. This side owns
-    ``grads`` (the offload), ``_awaiting`` / ``_deferred`` / ``_reducer_first`` /
-    ``_ended_awaiting`` (a deferring reducer, Rule 8), ``_callback_queued`` /
+    ``grads`` (the offload), ``_reducers`` / ``_awaiting`` / ``_reducer_first`` /
+    ``_ended_awaiting`` (deferring reducers, Rule 8), ``_callback_queued`` /
     ``_requeued`` (the end-of-backward callbacks, Rule 13) and ``_create_graph``
     (Rule 15); it reads the forward side's phase, residency and trace.
     """
 
     grads: GradOffload
     _awaiting: set[PagedParam]
-    _deferred: bool
+    _reducers: set[GradsReady]  # open ones; while any is, offloads wait for it
     _reducer_first: bool
     _ended_awaiting: bool
     _callback_queued: int | None
@@ -86,20 +111,43 @@ class GradientSide:
 
     # -- a gradient reducer that defers the offload (Rule 8) -------------------
 
-    def defer_grad_offload(self) -> Callable[[Iterable[torch.Tensor]], None]:
+    def defer_grad_offload(self) -> GradsReady:
         """Leave gradients on the device until a reducer says they are final (Rule 8).
 
         Returns:
-            ``grads_ready(params)``: call it with parameters whose ``.grad`` now
-            holds its final (reduced) value; LMS then moves those gradients to
-            host. Parameters LMS does not page are ignored.
+            A :class:`GradsReady`: call it with parameters whose ``.grad`` now holds
+            its final (reduced) value; LMS then moves those gradients to host.
+            Parameters LMS does not page are ignored. Its ``close()`` ends the
+            deferral (``ddl``'s ``remove()`` calls it), so LMS can be kept after
+            the reducer is removed.
 
         Example:
             >>> grads_ready = handle.defer_grad_offload()  # doctest: +SKIP
-            >>> ddl.wrap(model, grad_ready=grads_ready)      # doctest: +SKIP
+            >>> sync = ddl.wrap(model, grad_ready=grads_ready)  # doctest: +SKIP
+            >>> sync.remove()  # LMS goes on, offloading at once  # doctest: +SKIP
         """
-        self._deferred = True
-        return self.grads_ready
+        with self.rt.lock:
+            ready = GradsReady(self)
+            if not self._removed:
+                self._reducers.add(ready)
+            return ready
+
+    @property
+    def _deferred(self) -> bool:
+        return bool(self._reducers)
+
+    def _reducer_gone(self, ready: GradsReady) -> None:
+        """A reducer closed its ``GradsReady``: stop waiting for it (Rule 8)."""
+        with self.rt.lock:
+            self._reducers.discard(ready)
+            if self._reducers or self._removed:
+                return
+            self._reducer_first = False
+            # What it still owed goes to the host unreduced, as without a reducer.
+            ended = self._ended_awaiting
+            self._awaiting_flush()
+            if ended:
+                self._finish_backward()
 
     def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
         """Offload the gradients of ``params`` now (see :meth:`defer_grad_offload`).

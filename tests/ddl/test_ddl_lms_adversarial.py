@@ -101,6 +101,12 @@ def _enable_and_wrap(model, case):
     return handle, sync
 
 
+def _differ(ref, mine):
+    """Names of the state_dict entries that are not bitwise equal."""
+    pairs = zip(ref.state_dict().items(), mine.state_dict().values())
+    return [n for (n, a), b in pairs if not torch.equal(a, b)]
+
+
 def _one_parity_case(case):
     rank = ddl.rank()
     torch.manual_seed(0)
@@ -115,16 +121,15 @@ def _one_parity_case(case):
     losses = _train(mine, sync.no_sync, _optimizer(case.get("opt"), mine.parameters()), case, rank)
     sync.remove()
     handle.remove()
-    differ = [
-        n
-        for (n, a), b in zip(ref.state_dict().items(), mine.state_dict().values())
-        if not torch.equal(a, b)
-    ]
-    return n_paged, losses == ref_losses, differ
+    return n_paged, losses == ref_losses, _differ(ref, mine)
 
 
 def _lifecycle_case(case):
-    """Train, remove both handles (in either order), enable and wrap again, train on."""
+    """Train, remove both handles (in either order), enable and wrap again, train on.
+
+    ``"sync_only"``: remove ddl alone and train on locally with LMS (ddl's remove()
+    closes LMS's ``grads_ready``); the reference trains on locally after DDP.
+    """
     rank = ddl.rank()
     torch.manual_seed(0)
     base = Net()
@@ -132,22 +137,26 @@ def _lifecycle_case(case):
     ddp = DDP(ref, find_unused_parameters=True, bucket_cap_mb=0.01)
     ref_opt = _optimizer("adamw", ref.parameters())
     ref_losses = _train(ddp, ddp.no_sync, ref_opt, case, rank)
-    ref_losses += _train(ddp, ddp.no_sync, ref_opt, case, rank, first_step=10)
+    local = case["lifecycle"] == "sync_only"
+    if local:  # the module itself, outside DDP: its reducer expects no hooks then
+        ref_losses += _train(ref, contextlib.nullcontext, ref_opt, case, rank, first_step=10)
+    else:
+        ref_losses += _train(ddp, ddp.no_sync, ref_opt, case, rank, first_step=10)
     opt = _optimizer("adamw", mine.parameters())
     handle, sync = _enable_and_wrap(mine, case)
     losses = _train(mine, sync.no_sync, opt, case, rank)
+    if local:
+        sync.remove()
+        losses += _train(mine, contextlib.nullcontext, opt, case, rank, first_step=10)
+        handle.remove()
+        return 1, losses == ref_losses, _differ(ref, mine)
     for h in (sync, handle) if case["lifecycle"] == "sync_first" else (handle, sync):
         h.remove()
     handle, sync = _enable_and_wrap(mine, case)
     losses += _train(mine, sync.no_sync, opt, case, rank, first_step=10)
     sync.remove()
     handle.remove()
-    differ = [
-        n
-        for (n, a), b in zip(ref.state_dict().items(), mine.state_dict().values())
-        if not torch.equal(a, b)
-    ]
-    return 1, losses == ref_losses, differ
+    return 1, losses == ref_losses, _differ(ref, mine)
 
 
 def _resume_case(case):
@@ -174,12 +183,7 @@ def _resume_case(case):
     resumed = _train(second, sync.no_sync, opt, case, rank, first_step=10)
     sync.remove()
     handle.remove()
-    differ = [
-        n
-        for (n, a), b in zip(first.state_dict().items(), second.state_dict().values())
-        if not torch.equal(a, b)
-    ]
-    return 1, losses == resumed, differ
+    return 1, losses == resumed, _differ(first, second)
 
 
 def _parity(cases):
@@ -215,6 +219,7 @@ PARITY_CASES = [
     {"bf16": True, "tied": False, "accum": 1, "steps": 2},
     {"lifecycle": "sync_first", "steps": 1},
     {"lifecycle": "lms_first", "steps": 1, "set_to_none": False},
+    {"lifecycle": "sync_only", "steps": 2, "accum": 1},
     {"resume": True, "steps": 2, "accum": 1},
     {"resume": True, "steps": 2, "opt": "sgd", "weights": "auto", "limit": "200KiB"},
     # An explicit L2 penalty over every parameter, computed between forward and backward.

@@ -597,6 +597,51 @@ def test_deferred_offload_with_accumulation_and_a_reducer_finishing_late():
     handle.remove()
 
 
+@pytest.mark.parametrize("closed", ["between_steps", "before_the_announcement"])
+def test_closing_grads_ready_lets_lms_train_on_without_the_reducer(closed):
+    # ddl's remove() closes what defer_grad_offload returned. Was: LMS kept waiting for
+    # announcements that never came, and the next optimizer step raised LMSError.
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    ready = handle.defer_grad_offload()
+    reducers = [FakeReducer(base), FakeReducer(paged, ready)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (base, paged)]
+    data = batches(4)
+    for i, (x, y) in enumerate(data):
+        if i == 1:
+            for red in reducers:  # the reducer goes away...
+                for h in red.hooks:
+                    h.remove()
+            if closed == "between_steps":
+                ready.close()
+        for model, opt in zip((base, paged), opts):
+            model(x, y).backward()
+            if i == 1 and model is paged and closed == "before_the_announcement":
+                # ...after LMS's hooks made it wait for an announcement of this backward.
+                assert handle.phase is Phase.DEVICE
+                ready.close()
+            opt.step()
+            opt.zero_grad()
+        assert handle.phase is Phase.HOST
+    assert_same_params(base, paged)
+    ready.close()  # idempotent
+    handle.remove()
+
+
+def test_a_closed_reducer_leaves_the_other_deferring_one_waited_for():
+    _, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    first, second = handle.defer_grad_offload(), handle.defer_grad_offload()
+    first.close()
+    ((x, y),) = batches(1)
+    paged(x, y).backward()
+    with pytest.raises(LMSError, match="grads_ready"):
+        torch.optim.SGD(paged.parameters(), lr=0.1).step()
+    second([p for p in paged.parameters()])
+    assert handle.phase is Phase.HOST
+    handle.remove()
+
+
 def test_reducer_hooks_before_lms_with_accumulation_is_refused():
     _, paged = pair()
     red = FakeReducer(paged)  # registered first: would reduce a partial gradient
