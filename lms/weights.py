@@ -181,8 +181,9 @@ modules is in ``lms/weights_torch.py``.
 #   the parameter and holds it until the backward ends, since that code may have
 #   saved it for backward where no LMS hook sees the use. Correct, at the cost of
 #   a blocking copy and of that parameter's device memory; LMS warns once. A view
-#   or ``.detach()`` such a read hands out refuses reads once the shell is released
-#   again (NOTE [Guarded parameters] Rule 5) instead of reading freed memory.
+#   or ``.detach()`` such a read hands out is fetched with its parameter when read
+#   in a later step's window, and refuses reads between steps (NOTE [Guarded
+#   parameters] Rule 5) instead of reading freed memory.
 # Rule 17 (writes to a shell reach the master). Code may write a resident shell in
 #   place in phase DEVICE: ``nn.Embedding(max_norm=...)`` renormalizes the rows it
 #   looks up in its forward, and a user may scale or clamp a parameter that

@@ -41,16 +41,19 @@
 #   ``ShellAlias``, and views of that are ``ShellAlias`` too. Without LMS such a
 #   tensor keeps showing the parameter; with LMS its memory is released when the
 #   backward ends, and a later read would read freed memory (a segmentation fault on
-#   the CPU). A ``ShellAlias`` checks on each read: while the shell is resident it
-#   reads it (a later step's values, as without LMS); while it is released it raises
-#   ``LMSError`` saying to keep a copy. Metadata stays readable. ``.numpy()`` of a
+#   the CPU). A ``ShellAlias`` checks on each read. While its parameter wears the
+#   guard (between a forward and the end of its backward, shell not resident: out,
+#   or being filled by a prefetch on the copy stream) the read is a guarded read of
+#   the parameter: fetched, waited for, held. While the shell is resident it reads
+#   it (a later step's values, as without LMS). While it is released and the
+#   parameter is not guarded (between steps, or LMS removed) it raises ``LMSError``
+#   saying to keep a copy. Metadata stays readable. ``.numpy()`` of a
 #   guarded parameter or of a ``ShellAlias`` is made from a copy: numpy makes the
 #   storage it shares non-resizable, and the release would then fail (on the CPU,
 #   where ``.cpu()`` returns the shell itself). Not seen: an alias taken while the
 #   shell was resident without a guarded read (in the owning module's own forward
 #   or hooks, or after a guarded read fetched it) still reads freed memory after
-#   the release; and a ``ShellAlias`` kept into a later step and read while its
-#   shell is being filled does not wait for the copy (on an accelerator).
+#   the release.
 """
 
 from __future__ import annotations
@@ -187,6 +190,11 @@ def _storage_id(t: torch.Tensor) -> int | None:
         return None  # no storage of its own (sparse, nested): aliases no shell
 
 
+# Rule 5: the parameter whose shell each storage is (by the storage's id), for the
+# aliases handed out; weak, so an alias does not keep a removed model's parameter.
+_OWNERS: weakref.WeakValueDictionary[int, nn.Parameter] = weakref.WeakValueDictionary()
+
+
 def _mark_aliases(out: Any, shells: list[torch.Tensor]) -> Any:
     """Make each plain tensor of ``out`` that shares a storage of ``shells`` a ``ShellAlias``.
 
@@ -200,7 +208,19 @@ def _mark_aliases(out: Any, shells: list[torch.Tensor]) -> Any:
     for t in tree_leaves(out):
         if type(t) is torch.Tensor and _storage_id(t) in ids:
             t.__class__ = ShellAlias
+    for t in shells:
+        if isinstance(t, nn.Parameter):
+            _OWNERS[_storage_id(t)] = t
     return out
+
+
+def _fetch_owner(alias: ShellAlias, func: Any) -> None:
+    """A guarded read of the parameter behind ``alias``, if it wears the guard (Rule 5)."""
+    owner = _OWNERS.get(alias.untyped_storage()._cdata)
+    fetch = getattr(type(owner), "_lms_fetch", None)
+    on_read = fetch() if fetch is not None else None
+    if on_read is not None:
+        on_read(owner, func)
 
 
 class ShellAlias(torch.Tensor):
@@ -218,6 +238,8 @@ class ShellAlias(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         aliases = [t for t in _read_args(func, args, kwargs) if isinstance(t, ShellAlias)]
+        for t in aliases:
+            _fetch_owner(t, func)
         if any(t.untyped_storage().nbytes() == 0 for t in aliases):
             raise LMSError(
                 "this tensor shares device memory with a parameter that LMS pages "
@@ -281,6 +303,7 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
 
     class PagedParameter(GUARDABLE):
         __slots__ = ()
+        _lms_fetch = ref  # for the aliases it hands out (Rule 5)
 
         @classmethod
         def __torch_function__(

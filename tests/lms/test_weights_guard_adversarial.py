@@ -171,6 +171,52 @@ def test_an_alias_taken_between_forward_and_backward_is_refused_after_the_step(t
     assert_between_steps(handle, paged)
 
 
+@pytest.mark.parametrize("read_in", ["window", "prefetch"])
+def test_an_alias_kept_into_a_later_step_reads_the_current_values_in_its_window(read_in):
+    # An alias taken in one step's window and read in a later one's: the parameter is
+    # guarded again (shell out, or being filled by a prefetch of the learned order), and
+    # the read is fetched like a read of the parameter. Was: LMSError while out, and
+    # while filling a read that did not wait for the copy (stale values on a GPU).
+    base, paged = twins(MLP)
+    handle = enable_paging(paged)
+    batches = data(3)
+    got = {base: [], paged: []}
+    pager = handle.weights
+    pp = next(q for q in pager.paged if q.name == "layers.1.weight")
+    filling, kept = [], {}
+
+    def read(module, args, output):
+        model = paged if module is paged.layers[0] else base
+        if model is paged:  # layers.1 comes next: its prefetch is in flight
+            filling.append(pp.where.name)
+        got[model].append(kept[model].sum())
+        assert model is base or pp.where.name == "RESIDENT"  # waited for the fill
+
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        hook = None
+        for i, (x, y) in enumerate(batches):
+            if i == 2 and read_in == "prefetch":
+                hook = model.layers[0].register_forward_hook(read)
+            loss = F.cross_entropy(model(x), y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                if model not in kept:
+                    kept[model] = model.layers[1].weight.detach()
+                elif read_in == "window":
+                    got[model].append(kept[model].sum())  # layers.1 is released here: out
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if hook is not None:
+            hook.remove()
+    assert len(got[paged]) == len(got[base]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got[base], got[paged]))
+    assert filling == ([] if read_in == "window" else ["FILLING"])
+    assert_same(base, paged)
+    assert_between_steps(handle, paged)
+
+
 def test_numpy_of_a_parameter_between_forward_and_backward():
     # Logging a histogram: ``p.detach().cpu().numpy()``. On the CPU ``.cpu()`` is the
     # shell itself and numpy made its storage non-resizable. Was: "Trying to resize
