@@ -17,5 +17,15 @@ from .enable import LMSHandle, enable
 from .errors import LMSError
 from .stats import Stats
 from .weights import WeightPaging
+from .weights_backward import GradsReady
 
-__all__ = ["LMSConfig", "LMSError", "LMSHandle", "Stats", "WeightPaging", "enable", "parse_size"]
+__all__ = [
+    "GradsReady",
+    "LMSConfig",
+    "LMSError",
+    "LMSHandle",
+    "Stats",
+    "WeightPaging",
+    "enable",
+    "parse_size",
+]
