@@ -228,7 +228,7 @@ from .errors import LMSError
 from .runtime import ModelHook
 from .weights_backward import GradientSide, GradsReady
 from .weights_grads import GradOffload, typed_view
-from .weights_guard import DATA_GET, GUARDABLE, guard_class, user_stacklevel
+from .weights_guard import DATA_GET, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_param import PagedParam, Phase, Residency, Where
 from .weights_plan import (
@@ -281,8 +281,7 @@ class _PagedModuleHook(ModelHook):
                 self.pager._write_back(pp)  # Rule 17: a write to the resident shell
                 if id(p) not in memo:
                     # What Parameter.__deepcopy__ makes, from the real values.
-                    cls = GUARDABLE if pp.guardable else type(p)  # never the guard class
-                    memo[id(p)] = cls(pp.master.clone(), p.requires_grad)
+                    memo[id(p)] = pp.own_class(pp.master.clone(), p.requires_grad)
         return super().__reduce__()[0]()  # the no-op a copied ModelHook becomes
 
     def __reduce__(self) -> tuple:
@@ -393,8 +392,8 @@ class WeightPaging(GradientSide):
         self._warned: weakref.WeakSet = weakref.WeakSet()
         self._removed = False
         self._storage_ptrs: set[int] = set()
-        # NOTE [Guarded parameters]: the class of a parameter whose storage is not resident.
-        self._guard = guard_class(self._outside_read)
+        # NOTE [Guarded parameters]: by own class, the class of a parameter not resident.
+        self._guards: dict[type, type] = {}  # a parameter's own class -> its guard class
         self._warned_outside = False
         # Fills found in flight when a module needed them, and fills issued only
         # when it did (a stall): how well the learned order predicts.
@@ -757,15 +756,22 @@ class WeightPaging(GradientSide):
 
     def _set_guard(self, pp: PagedParam, on: bool) -> None:
         """Put the guard class on ``pp``'s parameter, or give it its own (Rule 16)."""
-        if pp.guardable:
-            pp.param.__class__ = self._guard if on else GUARDABLE
+        if not pp.guardable:
+            return
+        if not on:
+            pp.param.__class__ = pp.own_class
+            return
+        guard = self._guards.get(pp.own_class)
+        if guard is None:
+            guard = self._guards[pp.own_class] = guard_class(self._outside_read, pp.own_class)
+        pp.param.__class__ = guard
 
     def _outside_read(self, p: nn.Parameter, func: Any = None) -> None:
         """A torch function ``func`` is about to read a guarded parameter (Rule 16)."""
         with self.rt.lock:
             pp = self._by_param.get(id(p))
             if pp is None or self.phase is not Phase.DEVICE:
-                p.__class__ = GUARDABLE  # removed, or between steps: the data is readable
+                p.__class__ = type(p)._lms_own  # removed, or between steps: readable
                 return
             self._acquire(pp)
             pp.held = True

@@ -33,9 +33,12 @@
 #   may be read later), fetches. ``on_read`` learns which function read, so that
 #   the pager can copy back what is written through ``.data`` (NOTE [Weight
 #   paging] Rule 17).
-# Rule 4 (only exact ``nn.Parameter``). A parameter of another subclass may have
-#   its own ``__torch_function__``, which a swap would bypass; such parameters are
-#   never guarded (a read of their released storage still crashes).
+# Rule 4 (which classes). ``nn.Parameter`` and its subclasses that keep its
+#   disabled ``__torch_function__`` and ``__torch_dispatch__`` (a subclass that only
+#   tags parameters) are guarded: the guard class derives from the parameter's own
+#   class, which it gets back when fetched. A subclass with its own
+#   ``__torch_function__`` or ``__torch_dispatch__`` is never guarded, since the
+#   guard's would run in its place (a read of its released storage still crashes).
 # Rule 5 (aliases handed out). A guarded read that returns a tensor sharing the
 #   shell's storage (``p.detach()``, ``p.data``, ``p[1]``, ``p.T``) returns it as a
 #   ``ShellAlias``, and views of that are ``ShellAlias`` too. Without LMS such a
@@ -70,10 +73,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import LMSError
 
-__all__ = ["DATA_GET", "GUARDABLE", "ShellAlias", "guard_class", "user_stacklevel"]
-
-# Rule 4: the only parameter class that is ever swapped.
-GUARDABLE = nn.Parameter
+__all__ = ["DATA_GET", "ShellAlias", "guard_class", "guardable", "user_stacklevel"]
 
 _T = torch.Tensor
 # ``param.data``: an alias whose writes bump no version counter (passed to ``on_read``).
@@ -259,6 +259,15 @@ class ShellAlias(torch.Tensor):
         return memo[id(self)]
 
 
+def guardable(cls: type) -> bool:
+    """Whether parameters of class ``cls`` may wear a guard class (Rule 4)."""
+    return (
+        issubclass(cls, nn.Parameter)
+        and cls.__torch_function__ is nn.Parameter.__torch_function__
+        and cls.__torch_dispatch__ is nn.Parameter.__torch_dispatch__
+    )
+
+
 def user_stacklevel() -> int:
     """``stacklevel`` for a warning raised by the caller: the first frame outside torch and LMS.
 
@@ -272,20 +281,24 @@ def user_stacklevel() -> int:
     return level
 
 
-def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Parameter]:
-    """A subclass of ``nn.Parameter`` whose instances are fetched before any read.
+def guard_class(
+    on_read: Callable[[nn.Parameter, Any], None], own: type[nn.Parameter] = nn.Parameter
+) -> type[nn.Parameter]:
+    """A subclass of ``own`` whose instances are fetched before any read.
 
     NOTE [Guarded parameters] Rule 2. Assign it to a parameter's ``__class__`` while
     its storage is released; ``on_read(param, func)`` must make the storage resident
-    and give the parameter its own class back.
+    and give the parameter its own class back (the class's ``own``).
 
     Args:
         on_read: called with each instance the torch function ``func`` is about to
             read (``func`` is ``DATA_GET`` for ``param.data``). Held
             weakly when it is a bound method, so the class does not keep its pager alive.
+        own: the parameters' own class, ``nn.Parameter`` or a subclass that is
+            :func:`guardable` (Rule 4).
 
     Returns:
-        The class, with the same layout as ``nn.Parameter``.
+        The class, with the same layout as ``own``.
 
     Example:
         >>> p = nn.Parameter(torch.ones(2))
@@ -301,9 +314,10 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
     """
     ref = weakref.WeakMethod(on_read) if hasattr(on_read, "__self__") else lambda: on_read
 
-    class PagedParameter(GUARDABLE):
+    class PagedParameter(own):  # type: ignore[valid-type, misc]
         __slots__ = ()
         _lms_fetch = ref  # for the aliases it hands out (Rule 5)
+        _lms_own = own
 
         @classmethod
         def __torch_function__(
@@ -319,10 +333,10 @@ def guard_class(on_read: Callable[[nn.Parameter, Any], None]) -> type[nn.Paramet
 
         def __deepcopy__(self, memo: dict) -> nn.Parameter:
             # As nn.Parameter.__deepcopy__ (``.data`` is a read, so fetched), but the
-            # copy is a plain Parameter that does not belong to the pager.
+            # copy is of the parameter's own class and does not belong to the pager.
             if id(self) not in memo:
                 data = self.data.clone(memory_format=torch.preserve_format)
-                memo[id(self)] = GUARDABLE(data, self.requires_grad)
+                memo[id(self)] = own(data, self.requires_grad)
             return memo[id(self)]
 
     return PagedParameter

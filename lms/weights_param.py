@@ -15,7 +15,7 @@ from torch import nn
 from .pool import HostBlock
 from .transfer import Copy
 from .weights_grads import typed_view
-from .weights_guard import GUARDABLE
+from .weights_guard import guardable
 
 __all__ = ["PagedParam", "Phase", "Residency", "Where"]
 
@@ -65,8 +65,9 @@ class PagedParam:
         # it was handed out through ``.data`` (whose writes bump no version) since.
         self.version = 0
         self.data_taken = False
-        # NOTE [Guarded parameters] Rule 4: only an exact nn.Parameter is ever guarded.
-        self.guardable = type(param) is GUARDABLE
+        # NOTE [Guarded parameters] Rule 4: the class it has whenever it is not guarded.
+        self.own_class = type(param)
+        self.guardable = guardable(self.own_class)
 
     def storage(self) -> torch.UntypedStorage:
         return self.shell.untyped_storage()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from paged_twins import MLP, enable_paging, twins
 from torch import nn
 
+from lms.weights_guard import guardable
 from lms.weights_param import Phase, Where
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*without fused=True")
@@ -214,3 +215,48 @@ def test_a_frozen_parameter_read_after_the_forward_is_released_by_the_backward()
     assert handle.weights.phase is Phase.HOST
     assert all(pp.where is Where.OUT for pp in handle.weights.paged)
     assert handle.runtime.budget.resident_bytes == 0
+
+
+class Tagged(nn.Parameter):
+    """A parameter subclass that only tags (as libraries mark shards or experts)."""
+
+
+class Traced(nn.Parameter):
+    """A parameter subclass with its own ``__torch_function__``: never guarded (Rule 4)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def tag(model):
+    for layer in model.layers:
+        layer.weight = Tagged(layer.weight.detach().clone())
+    return model
+
+
+def test_a_tagging_parameter_subclass_is_guarded_and_keeps_its_class():
+    # Was: a segmentation fault, like a plain nn.Parameter before its guard (only exact
+    # nn.Parameter was guarded).
+    base, paged = twins(lambda: tag(MLP()))
+    handle = enable_paging(paged)
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in data(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                l2_step(model, opt, x, y)
+    assert_same(base, paged)
+    assert all(type(layer.weight) is Tagged for layer in paged.layers)
+    x, y = data(1)[0]
+    loss = F.cross_entropy(paged(x), y)
+    guarded = paged.layers[0].weight
+    assert type(guarded) is not Tagged and isinstance(guarded, Tagged)  # wearing the guard
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        copied = copy.deepcopy(guarded)
+    assert type(copied) is Tagged and torch.equal(copied, base.layers[0].weight)
+    loss.backward()
+    assert type(guarded) is Tagged
+    assert handle.weights.phase is Phase.HOST
+    assert guardable(Tagged) and not guardable(Traced)
