@@ -240,7 +240,7 @@ from .weights_plan import (
     plan_weights,
     prefetch_targets,
 )
-from .weights_torch import autocast_on, backward_reads_weights, borrowed_params
+from .weights_torch import autocast_on, backward_reads_weights, borrowed_params, movable
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 
@@ -343,7 +343,7 @@ def plan_for_model(model: nn.Module, runtime: Any) -> WeightPlan:
         The :class:`~lms.weights_plan.WeightPlan` (tied parameters counted once).
     """
     infos = [
-        ParamInfo(name, p.numel() * p.element_size(), p.requires_grad)
+        ParamInfo(name, p.numel() * p.element_size(), p.requires_grad, movable(p))
         for name, p in model.named_parameters()
     ]
     return plan_weights(infos, runtime.limit, runtime.min_size, runtime.config.weights)

@@ -16,7 +16,11 @@ tested in one process without a device. ``lms/weights.py`` carries the plans out
 #   latency-bound copy (ANCHORS: 1 MiB at ~22 GB/s against ~50 GB/s for 1 GiB),
 #   so the small ones are the last worth paging. The rest of the limit is the
 #   window that paged parameters and activations share.
-# Rule 2 (parameters below ``min_size`` stay resident), whatever the mode.
+# Rule 2 (parameters below ``min_size`` stay resident), whatever the mode, and so
+#   do parameters LMS cannot move: data of a tensor subclass (a wrapper such as a
+#   DTensor or a quantized tensor keeps its values in inner tensors that a
+#   storage resize does not reach; paged, such a model trained on silently wrong
+#   values), or of a layout other than strided.
 # Rule 3 (the order is a hint, never a contract). The module order is learned
 #   from the first step's forward and only drives *prefetching*. Before a module
 #   runs, its parameters are made resident on demand whatever was prefetched,
@@ -72,11 +76,13 @@ class ParamInfo:
         nbytes: bytes of its data.
         trainable: ``requires_grad``; a frozen parameter has no gradient or
             optimizer state, so its resident state is just its bytes.
+        movable: whether LMS can page its data at all (Rule 2).
     """
 
     name: str
     nbytes: int
     trainable: bool = True
+    movable: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def plan_weights(
     Args:
         params: the model's distinct parameters.
         limit: device budget in bytes.
-        min_size: parameters smaller than this are never paged.
+        min_size: parameters smaller than this are never paged (nor unmovable ones).
         mode: ``"auto"``, ``True`` or ``False`` (the ``weights`` setting).
         state_factor: device bytes of resident state per parameter byte for a
             trainable parameter (1 parameter + 1 gradient + optimizer moments).
@@ -138,7 +144,7 @@ def plan_weights(
     if len(set(names)) != len(names):
         raise LMSError("plan_weights got the same parameter name twice; pass tied ones once")
     total = sum(_state_bytes(p, state_factor) for p in params)
-    candidates = [p for p in params if p.nbytes >= min_size and p.nbytes > 0]
+    candidates = [p for p in params if p.movable and p.nbytes >= min_size and p.nbytes > 0]
     if mode is False:
         return WeightPlan(frozenset(), total, 0, "weights=False")
     if mode is True:

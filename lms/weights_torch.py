@@ -12,7 +12,13 @@ from torch import nn
 
 from .weights_param import PagedParam
 
-__all__ = ["autocast_on", "backward_reads_weights", "borrowed_params", "graph_task_id"]
+__all__ = [
+    "autocast_on",
+    "backward_reads_weights",
+    "borrowed_params",
+    "graph_task_id",
+    "movable",
+]
 
 
 def backward_reads_weights(module: nn.Module, params: list[PagedParam], device_type: str) -> bool:
@@ -56,3 +62,13 @@ def graph_task_id() -> int:
     """Id of the running backward (-1 outside one; 0 where torch cannot tell)."""
     get = getattr(torch._C, "_current_graph_task_id", None)
     return get() if get is not None else 0
+
+
+def movable(param: nn.Parameter) -> bool:
+    """Whether weight paging can move ``param``'s data (NOTE [Weight paging plan] Rule 2).
+
+    Paging resizes one dense storage and copies it whole. A tensor subclass as the
+    data (a wrapper such as DTensor or a quantized tensor, whose values live in
+    inner tensors) or a sparse layout has no such storage.
+    """
+    return type(param.data) is torch.Tensor and param.layout is torch.strided
