@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from .activations import ActivationSwapper
 from .config import LMSConfig, Size, resolve_config
@@ -156,6 +157,13 @@ def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.
         raise LMSError(
             f"{type(model).__name__} has no parameters, so LMS cannot tell its device or "
             "what to keep resident; enable LMS on the module that owns the parameters"
+        )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, UninitializedParameter)]
+    if lazy:
+        raise LMSError(
+            f"parameter {lazy[0]!r} is not initialized yet (a lazy module such as "
+            "nn.LazyLinear); run one forward with a sample batch before lms.enable, so "
+            "that LMS sees the parameters' real sizes"
         )
     if device is not None:
         try:

@@ -206,6 +206,18 @@ def test_a_model_without_parameters_is_refused_and_left_alone():
     assert_untouched(model)
 
 
+def test_a_lazy_module_not_yet_run_is_refused_with_advice_and_left_alone():
+    # Was: torch's ValueError from inside LMS's planning (numel of an uninitialized
+    # parameter). After one forward the same model is accepted.
+    model = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.Linear(16, 4))
+    before = hooks_on(model)  # the lazy module's own pre-hook
+    with pytest.raises(lms.LMSError, match="run one forward"):
+        lms.enable(model, limit=0, min_size=0)
+    assert hooks_on(model) == before and model not in _ENABLED
+    model(torch.randn(2, 8))
+    lms.enable(model, limit=0, min_size=0).remove()
+
+
 def test_enabling_twice_is_refused_and_the_first_handle_keeps_working():
     model = make_model()
     x = torch.randn(4, 32)
