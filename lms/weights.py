@@ -227,7 +227,7 @@ from .config import format_bytes
 from .errors import LMSError
 from .runtime import ModelHook
 from .weights_backward import GradientSide, GradsReady
-from .weights_grads import GradOffload, typed_view
+from .weights_grads import GradOffload, paged_strides, typed_view
 from .weights_guard import DATA_GET, guard_class, user_stacklevel
 from .weights_optim import check_host_step, move_state, warn_if_unfused
 from .weights_param import PagedParam, Phase, Residency, Where
@@ -439,7 +439,7 @@ class WeightPaging(GradientSide):
                 block = self.rt.pool.acquire(p.numel() * p.element_size())
                 # Allocated once here and resized to 0 below; afterwards its storage
                 # only holds memory between a fetch and a release.
-                shell = torch.empty(p.shape, dtype=p.dtype, device=device)
+                shell = torch.empty_strided(p.shape, paged_strides(p), dtype=p.dtype, device=device)
                 pp = PagedParam(name, p, block, shell)
                 block = None
                 pp.storage().resize_(0)

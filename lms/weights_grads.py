@@ -23,17 +23,41 @@ from .transfer import Copy
 if TYPE_CHECKING:
     from .weights_param import PagedParam
 
-__all__ = ["STAGING_SLOTS", "GradOffload", "typed_view"]
+__all__ = ["STAGING_SLOTS", "GradOffload", "paged_strides", "typed_view"]
 
 # Staging blocks for gradients added to their accumulator on the host: enough to
 # keep copies and adds overlapping, allocated once (the largest parameter each).
 STAGING_SLOTS = 4
 
 
+def paged_strides(like: torch.Tensor) -> tuple[int, ...]:
+    """The strides of every paged copy of ``like``: its own where it is dense, else contiguous.
+
+    A parameter laid out densely in another order (``channels_last``, a transposed
+    weight) keeps that layout in its master, shell and gradient buffers: kernels
+    chosen by layout see what they see without LMS, and copies stay flat memcpys.
+    Dense means no gaps and no overlap: each dimension's stride, smallest first,
+    is the product of the sizes before it (dimensions of size 1 do not count).
+    """
+    dims = sorted((st, sz) for st, sz in zip(like.stride(), like.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            break
+        expected *= sz
+    else:
+        return tuple(like.stride())
+    contiguous, size = [], 1
+    for sz in reversed(like.shape):
+        contiguous.append(size)
+        size *= max(sz, 1)
+    return tuple(reversed(contiguous))
+
+
 def typed_view(block: HostBlock, like: torch.Tensor) -> torch.Tensor:
-    """The first bytes of ``block`` as a contiguous tensor shaped like ``like``."""
+    """The first bytes of ``block`` as a tensor shaped like ``like``, with ``paged_strides``."""
     nbytes = like.numel() * like.element_size()
-    return block.view(nbytes).view(like.dtype).view(like.shape)
+    return block.view(nbytes).view(like.dtype).as_strided(like.shape, paged_strides(like))
 
 
 class _GradCopy:
