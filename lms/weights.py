@@ -102,7 +102,11 @@ modules is in ``lms/weights_torch.py``.
 #   taken too: such a gradient replaces whatever the accumulator held, and
 #   ``.grad`` shows it in phase HOST as it would without LMS. ``grads_ready`` is a
 #   ``GradsReady``; its ``close()`` (ddl's ``remove()`` calls it) ends the wait:
-#   gradients still awaited go to the host as they are, later ones at once.
+#   gradients still awaited go to the host as they are, later ones at once. Closed
+#   inside a backward (``remove()`` from a hook), the wait ends with that backward,
+#   after the reducer's own end: ddl still writes the buckets it launched into
+#   ``.grad`` and announces them then, and a gradient sent earlier would have left
+#   LMS's placeholder (Rule 18) for it to write into.
 # Rule 9 (activations are not ours). The activation path never swaps a
 #   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
 #   which covers everything autograd saves from a shell; a copy made from a

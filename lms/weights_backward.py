@@ -71,7 +71,9 @@ class GradsReady:
     then moves those gradients to the host. ``close()`` says the reducer is gone
     (``ddl``'s handle calls it from ``remove()``): gradients still awaited go to
     the host as they are, and once no reducer defers, LMS offloads each gradient
-    as soon as AccumulateGrad has made it again. Idempotent.
+    as soon as AccumulateGrad has made it again. Closed inside a backward (from a
+    hook), it takes effect at that backward's end, after the reducer's own end of
+    backward, which may still reduce and announce. Idempotent.
     """
 
     __slots__ = ("_pager", "closed")
@@ -139,15 +141,25 @@ class GradientSide:
     def _reducer_gone(self, ready: GradsReady) -> None:
         """A reducer closed its ``GradsReady``: stop waiting for it (Rule 8)."""
         with self.rt.lock:
-            self._reducers.discard(ready)
-            if self._reducers or self._removed:
+            if self._callback_queued is not None or self._requeued:
+                # Closed inside a backward (ddl's remove() from a hook): the reducer may
+                # still write reduced values into ``.grad`` (a bucket in flight) and
+                # announce them in its own end-of-backward. Stop waiting at this
+                # backward's end, after that (_drop_closed_reducers).
                 return
-            self._reducer_first = False
-            # What it still owed goes to the host unreduced, as without a reducer.
-            ended = self._ended_awaiting
-            self._awaiting_flush()
-            if ended:
-                self._finish_backward()
+            self._drop_closed_reducers()
+
+    def _drop_closed_reducers(self) -> None:
+        """Stop waiting for the reducers that closed (Rule 8)."""
+        self._reducers = {r for r in self._reducers if not r.closed}
+        if self._reducers or self._removed:
+            return
+        self._reducer_first = False
+        # What they still owed goes to the host unreduced, as without a reducer.
+        ended = self._ended_awaiting
+        self._awaiting_flush()
+        if ended:
+            self._finish_backward()
 
     def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
         """Offload the gradients of ``params`` now (see :meth:`defer_grad_offload`).
@@ -336,6 +348,7 @@ class GradientSide:
                 torch.autograd.Variable._execution_engine.queue_callback(_BackwardEnd(self))
                 return
             self._requeued = False
+            self._drop_closed_reducers()  # closed in this backward: the reducer's end ran
             self.grads.reap(block=True)
             if self._create_graph:
                 # Rule 15: the graph this backward built reads the weights it fetched,
@@ -375,6 +388,7 @@ class GradientSide:
             self._bwd_cursor = None
             self._requeued = False
             self._create_graph = False
+            self._reducers = {r for r in self._reducers if not r.closed}
             # Gradients a deferred reducer never announced go to the accumulators, as
             # AccumulateGrad would have left them in ``.grad`` without LMS.
             self._awaiting_flush()

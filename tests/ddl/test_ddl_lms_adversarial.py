@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import time
 import traceback
 
 import pytest
@@ -365,3 +366,76 @@ def test_three_ranks_lms_changes_nothing_in_ddl():
     ]
     for per_rank in run_ranks(_lms_against_plain_ddl, 3, cases):
         assert per_rank == [True, True]
+
+
+def _train_removing_sync_in_backward(model, sync, rank, delay):
+    """Three steps; in the second, a user's hook calls ``sync.remove()`` mid-backward.
+
+    It runs once both of ``l2``'s gradients are made, which completes bucket 0: ddl has
+    just launched it. Rank 1 gets there ``delay`` seconds late, so rank 0's bucket is
+    reduced ``delay`` seconds after its remove(), while its backward still runs (a hook
+    on ``l1`` sleeps twice as long).
+    """
+    opt = _optimizer("adamw", model.parameters())
+    losses = []
+    for s in range(3):
+        x, y = _batch(rank, s)
+        hooks = []
+        if s == 1:
+            seen = []
+
+            def late(p):
+                time.sleep(delay if rank == 1 else 0)
+
+            def remove(p, seen=seen):  # after the second of l2's gradients
+                seen.append(p)
+                if len(seen) == 2:
+                    sync.remove()
+
+            def slow(p):
+                time.sleep(2 * delay)
+
+            hooks.append(model.head.bias.register_post_accumulate_grad_hook(late))
+            for p in (model.l2.weight, model.l2.bias):
+                hooks.append(p.register_post_accumulate_grad_hook(remove))
+            hooks.append(model.l1.bias.register_post_accumulate_grad_hook(slow))
+        loss = nn.functional.cross_entropy(model(x, False), y)
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def _sync_removed_in_backward(delay):
+    import lms
+
+    rank = ddl.rank()
+    torch.manual_seed(0)
+    base = Net()
+    plain, mine = copy.deepcopy(base), copy.deepcopy(base)
+    kw = {"bucket_size": "8KiB", "first_bucket_size": "1KiB", "algorithm": "ring"}
+    kw["broadcast"] = False
+    sync = ddl.wrap(plain, **kw)
+    ref_losses = _train_removing_sync_in_backward(plain, sync, rank, delay)
+    handle = lms.enable(mine, limit=0, min_size="1KiB", weights=True, device="cpu")
+    sync = ddl.wrap(mine, grad_ready=handle.weights.defer_grad_offload(), **kw)
+    try:
+        losses = _train_removing_sync_in_backward(mine, sync, rank, delay)
+    except Exception:
+        return traceback.format_exc()
+    handle.remove()
+    return losses == ref_losses, _differ(plain, mine)
+
+
+def test_sync_removed_from_a_hook_mid_backward_keeps_lms_exact():
+    # ddl.wrap's remove() from a hook in backward: the bucket it had launched is still
+    # reduced and written into .grad, and announced at the end of that backward, as
+    # without LMS. Was: close() sent the gradients to the host at once and put LMS's
+    # placeholder in .grad, into which ddl's worker then wrote the reduced bucket
+    # (RuntimeError there; on the other rank a DDLError: ranks out of step).
+    for rank, r in enumerate(run_ranks(_sync_removed_in_backward, 2, 0.3)):
+        assert not isinstance(r, str), f"rank {rank}:\n{r}"
+        assert r == (True, []), f"rank {rank}: {r}"
