@@ -58,13 +58,15 @@
 #    when the section ends, so no state changes under a running loop.
 # 8. Versions. With saved-tensor hooks installed, autograd skips its check that a
 #    saved tensor was not modified in place before backward, so LMS does it:
-#    each ``Packed`` keeps the version at save time and a storage-less alias of
-#    the saved tensor that shares its version counter (``t.detach()`` with its
-#    data swapped for an empty tensor: ``.data =`` keeps the counter and does not
-#    bump it), and unpacking raises autograd's own error on a mismatch. The alias
-#    holds no memory, and sees every in-place write autograd would have seen,
-#    also those made after the saved tensor and all its views have died. Only
-#    writes autograd cannot see either (through ``.data``) go unnoticed.
+#    each entry keeps the version at save time and a storage-less alias of the
+#    saved tensor that shares its version counter (``t.detach()`` with its data
+#    swapped for an empty tensor: ``.data =`` keeps the counter and does not bump
+#    it), made once for all its ``Packed`` (they are of one family, Rule 3, so
+#    they share that counter), and unpacking raises autograd's own error on a
+#    mismatch. The alias holds no memory, and sees every in-place write autograd
+#    would have seen, also those made after the saved tensor and all its views
+#    have died. Only writes autograd cannot see either (through ``.data``) go
+#    unnoticed.
 #    Tensors LMS does not move (parameters, buffers, tensors below ``min_size``)
 #    are checked too: autograd's check is off for them as well, so they are
 #    returned wrapped in a ``Kept`` that remembers their version.
@@ -127,6 +129,14 @@ from .transfer import Copy
 
 __all__ = ["ActivationSwapper", "Phase"]
 
+# Read in the hooks, once or more per saved tensor. A member of an ``enum.Enum`` costs
+# about 0.1 us per read there (``EnumType`` defines ``__getattr__``), a module global
+# a fraction of it; the same holds for a function three attributes deep in ``torch``.
+_DEVICE, _OUTGOING, _HOST, _INCOMING = Where.DEVICE, Where.OUTGOING, Where.HOST, Where.INCOMING
+_BOTH, _OWNED, _DROPPED, _DEAD = Where.BOTH, Where.OWNED, Where.DROPPED, Where.DEAD
+_current_graph_task_id = torch._C._current_graph_task_id
+_Tensor, _STRIDED = torch.Tensor, torch.strided
+
 
 class Phase(enum.Enum):
     """Where the model is in its step, as seen by the hooks."""
@@ -142,7 +152,10 @@ class _Section:
 
     ``owner._depth`` counts the sections open: they nest only on the thread that
     holds the (reentrant) lock, so a plain counter read under the lock says
-    whether this thread is inside one already.
+    whether this thread is inside one already. The hooks that run once per saved
+    tensor (``_pack``, ``_unpack``, ``drop``) open and close theirs inline instead,
+    two Python calls cheaper, and call ``_leave_section`` only when entries died
+    meanwhile.
     """
 
     __slots__ = ("owner",)
@@ -156,21 +169,12 @@ class _Section:
         owner._depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        owner = self.owner
-        try:
-            if owner._depth == 1:
-                # Outermost: release what died meanwhile, still inside the section,
-                # so that entries freed by these releases are deferred to this loop.
-                while owner._deferred:
-                    owner._release(owner._deferred.pop())
-        finally:
-            owner._depth -= 1
-            owner.lock.release()
+        self.owner._leave_section()
 
 
 def _pending(e: Entry) -> bool:
     """Swapped out and not yet asked back: a prefetch candidate (Rule 6)."""
-    return e.where is Where.HOST or (e.where is Where.OUTGOING and not e.wanted)
+    return e.where is _HOST or (e.where is _OUTGOING and not e.wanted)
 
 
 def _hooks_allowed() -> bool:
@@ -205,6 +209,7 @@ class ActivationSwapper:
         self.transfers = runtime.transfers
         self.pool = runtime.pool
         self.lock = runtime.lock
+        self.min_size = runtime.min_size
         self.phase = Phase.IDLE
         self._seq = itertools.count()
         # saved_tensors_hooks contexts (None: an untouched forward), one stack per
@@ -238,7 +243,7 @@ class ActivationSwapper:
         # Parameters whose casts may be dropped and made again (Rule 10): the
         # model's parameters except the paged ones, which ``lms.enable`` lists in
         # ``paged`` once weight paging is attached. Each training forward puts a
-        # ``Castable`` of them in ``self._threads.castable``.
+        # ``Castable`` of them in ``self._threads.castable`` (``None`` if there are none).
         self.paged: frozenset[int] = frozenset()
         # Where the first parameter lives once ``lms.enable`` is done (it sets this,
         # after weight paging may have moved a host-built model to the device): a
@@ -255,6 +260,19 @@ class ActivationSwapper:
     def _critical(self) -> _Section:
         """Hold the lock; release entries that died meanwhile on the way out (Rule 7)."""
         return self._section
+
+    def _leave_section(self) -> None:
+        """End a critical section (``_Section.__exit__``, or inline after ``lock.acquire()``
+        and ``_depth += 1``)."""
+        try:
+            if self._depth == 1:
+                # Outermost: release what died meanwhile, still inside the section,
+                # so that entries freed by these releases are deferred to this loop.
+                while self._deferred:
+                    self._release(self._deferred.pop())
+        finally:
+            self._depth -= 1
+            self.lock.release()
 
     # -- installation -------------------------------------------------------
 
@@ -297,15 +315,16 @@ class ActivationSwapper:
                 self._end_backward()
             self.phase = Phase.FORWARD
             self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
-            self._threads.castable = Castable(
+            paged = self.paged
+            self._threads.castable = Castable.of(
                 torch._C._autograd._get_sequence_nr(),
-                {
-                    id(t): (t, t._version)
+                [
+                    t
                     for t in self._owned
-                    if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in self.paged
-                },
+                    if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in paged
+                ],
             )
-            self._swapped = [e for e in self._swapped if e.where is not Where.DEAD]
+            self._swapped = [e for e in self._swapped if e.where is not _DEAD]
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
         scope = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         scope.__enter__()
@@ -346,14 +365,14 @@ class ActivationSwapper:
 
     def _eligible(self, t: torch.Tensor) -> bool:
         """NOTE [Activation swapping], Rule 2."""
-        if type(t) is not torch.Tensor or t.device != self.device:
+        if type(t) is not _Tensor or t.device != self.device:
             return False
-        if t.layout is not torch.strided or t.is_conj() or t.is_neg():
+        if t.layout is not _STRIDED or t.is_conj() or t.is_neg():
             return False
         if t.is_quantized or t.is_nested:
             return False  # their data is more than one storage's bytes (scales, offsets)
         base = t._base
-        if base is not None and type(base) is not torch.Tensor:
+        if base is not None and type(base) is not _Tensor:
             return False  # a view of a Parameter (e.g. ``weight.t()`` saved by addmm)
         if t.is_leaf and t.requires_grad:
             return False
@@ -364,17 +383,18 @@ class ActivationSwapper:
             return Kept(t)  # Rule 8: still checked for in-place writes
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
+        if not is_swappable_size(nbytes, self.min_size):
+            return Kept(t)
         ptr = storage.data_ptr()
-        if ptr in self._frozen or not is_swappable_size(nbytes, self.runtime.min_size):
+        if ptr in self._frozen:
             return Kept(t)
         version = t._version
-        counter = t.detach()  # Rule 8
-        counter.data = self._empty
         base = t._base
         root = t if base is None else base  # the family sharing t's version counter (Rule 3)
-        castable = getattr(self._threads, "castable", None)
-        source = cast_source(root, castable) if castable and castable.params else None
-        with self._section:
+        lock = self.lock
+        lock.acquire()  # the critical section (Rule 7), inline: see _Section
+        self._depth += 1
+        try:
             entry = self._index.get(ptr)
             if (
                 entry is not None
@@ -383,16 +403,26 @@ class ActivationSwapper:
                 and entry.family() is root
             ):
                 entry.refs += 1  # saved before (another view, or the same tensor): Rule 3
-                return Packed(self, entry, t, counter)
-            entry = Entry(next(self._seq), storage, ptr, nbytes, version, root)
-            entry.source = source
-            packed = Packed(self, entry, t, counter)  # if anything below raises, this frees it
+                return Packed(self, entry, t)
+            counter = t.detach()  # Rule 8
+            counter.data = self._empty
+            entry = Entry(next(self._seq), storage, ptr, nbytes, version, root, counter)
+            castable = getattr(self._threads, "castable", None)
+            if castable is not None and root.dtype is not castable.dtype:  # else no cast
+                entry.source = cast_source(root, castable)
+            packed = Packed(self, entry, t)  # if anything below raises, this frees it
             self._index[ptr] = entry
             if nbytes > self._largest:
                 self._largest = nbytes
                 self.budget.note_tensor(nbytes)
             self._admit(entry)
             return packed
+        finally:
+            if self._deferred and self._depth == 1:
+                self._leave_section()  # releases what died meanwhile first
+            else:
+                self._depth -= 1
+                lock.release()
 
     def _admit(self, entry: Entry) -> None:
         """Charge a new entry, evicting oldest-saved first to stay under the limit.
@@ -403,27 +433,26 @@ class ActivationSwapper:
         """
         if self._outgoing or self._graveyard:
             self._reap()
-        need = self.budget.excess(entry.nbytes, allocated=True)
+        need = self.budget.charge_if_fits(entry.nbytes)  # charged if need <= 0
         if entry.source is not None:
             # Rule 10: a cast that does not fit is dropped at once rather than
             # pushing out anything that would cost a copy.
             if need <= 0:
-                self.budget.charge(entry.nbytes)
                 self._resident_casts[entry.seq] = entry
             else:
                 self._drop_cast(entry)
             return
-        if need <= 0 and not self._outgoing:
-            # Fits, and no copy is in flight for _throttle to wait on: the common case
-            # while under the limit, without the eviction bookkeeping below.
-            self.budget.charge(entry.nbytes)
+        if need <= 0:
+            # Fits: the common case while under the limit, without the eviction
+            # bookkeeping below.
             self._resident[entry.seq] = entry
+            if self._outgoing:
+                self._throttle(entry.nbytes)
             return
         freed = 0
         block = None
         try:
-            if need > 0:
-                freed = self._evict_oldest(need, in_use_too=True)
+            freed = self._evict_oldest(need, in_use_too=True)
             if freed < need:
                 block = self.pool.acquire(entry.nbytes)
         except BaseException:
@@ -493,6 +522,8 @@ class ActivationSwapper:
         on_device = self._resident
         if in_use_too and self._returned:
             on_device = {**self._resident, **self._returned}
+        if not on_device:
+            return freed  # nothing left to evict (at limit=0 in backward, the common case)
         candidates = ((e.seq, e.nbytes) for e in on_device.values() if e is not protect)
         for key in plan_evictions(candidates, need - freed):
             victim = on_device[key]
@@ -507,18 +538,18 @@ class ActivationSwapper:
             self.budget.release(entry.nbytes)
             self._drop_cast(entry)
             return
-        if entry.where is Where.BOTH:
+        if entry.where is _BOTH:
             # The host copy is still valid (Rule 4): dropping the device copy is free.
             self._unlist(entry)
             entry.storage = None
-            entry.where = Where.HOST
+            entry.where = _HOST
             self.budget.release(entry.nbytes)
             return
         storage = entry.storage
         if storage.data_ptr() != entry.ptr or storage.nbytes() != entry.nbytes:
             # Rule 9: resized since it was saved; a copy now would not hold the saved bytes.
             self._unlist(entry)
-            entry.where = Where.OWNED
+            entry.where = _OWNED
             self.budget.release(entry.nbytes)
             return
         block = self.pool.acquire(entry.nbytes)  # may raise LMSError; nothing changed yet
@@ -527,20 +558,22 @@ class ActivationSwapper:
         self._send_out(entry, block)
 
     def _unlist(self, entry: Entry) -> None:
+        # In at most one of the three. ``_returned`` first: an entry dies mostly in
+        # backward, after its last use.
         seq = entry.seq
-        if self._resident.pop(seq, None) is None and self._returned.pop(seq, None) is None:
+        if self._returned.pop(seq, None) is None and self._resident.pop(seq, None) is None:
             self._resident_casts.pop(seq, None)
 
     def _drop_cast(self, entry: Entry) -> None:
         """Let go of a parameter's cast: backward makes it again (Rule 10). Uncharged."""
         entry.storage = None
-        entry.where = Where.DROPPED
+        entry.where = _DROPPED
 
     def _send_out(self, entry: Entry, block: Any) -> None:
         entry.block = block
         flat = self._blank(torch.uint8).new().set_(entry.storage)
         entry.copy = self.transfers.to_host(flat, block)
-        entry.where = Where.OUTGOING
+        entry.where = _OUTGOING
         self._outgoing.append(entry)
         self._outgoing_bytes += entry.nbytes
         self._swapped.append(entry)
@@ -555,15 +588,15 @@ class ActivationSwapper:
                 self.budget.release(entry.nbytes, leaving=True)
                 self.pool.release(entry.block)
                 entry.storage = entry.block = None
-                entry.where = Where.DEAD
+                entry.where = _DEAD
             elif entry.wanted:
                 self.budget.stay(entry.nbytes)
                 entry.wanted = False
-                entry.where = Where.BOTH
+                entry.where = _BOTH
                 self._returned[entry.seq] = entry
             else:
                 entry.storage = None  # Rule 4: freed only now that the copy is done
-                entry.where = Where.HOST
+                entry.where = _HOST
                 self.budget.release(entry.nbytes, leaving=True)
         while self._graveyard and self.transfers.done(self._graveyard[0]):
             self._graveyard.popleft()
@@ -575,13 +608,19 @@ class ActivationSwapper:
             if type(packed) is Kept:
                 return packed.unwrap()  # Rule 8
             return packed  # not ours: returned as saved
-        packed.check_version()  # Rule 8, before anything changes
         entry = packed.entry
-        with self._section:
-            self._track_backward()
+        if entry.counter._version != entry.version:  # Rule 8, before anything changes
+            packed.check_version()  # raises autograd's error
+        lock = self.lock
+        lock.acquire()  # the critical section (Rule 7), inline: see _Section
+        self._depth += 1
+        try:
+            task = _current_graph_task_id()
+            if task not in self._tasks:  # the first unpack of a backward, or outside one
+                self._track_backward(task)
             if self._outgoing or self._graveyard:
                 self._reap()
-            if entry.where is Where.DEVICE:
+            if entry.where is _DEVICE:
                 never_used = self._resident.pop(entry.seq, None)
                 if never_used is None:
                     never_used = self._resident_casts.pop(entry.seq, None)
@@ -591,32 +630,41 @@ class ActivationSwapper:
             else:
                 self._bring_back(entry)
             storage = entry.storage
-            self._enforce_limit(protect=entry)  # gradients grow during backward
+            if self.budget.excess() > 0:  # gradients grow during backward
+                self._enforce_limit(protect=entry)
             if self._cursor >= 0:  # else nothing swapped is still out: nothing to fetch
                 self._prefetch()
-        out = self._blank(packed.dtype).new()
-        return out.set_(storage, packed.offset, packed.size, packed.stride)
+        finally:
+            if self._deferred and self._depth == 1:
+                self._leave_section()  # releases what died meanwhile first
+            else:
+                self._depth -= 1
+                lock.release()
+        blank = self._blanks.get(packed.dtype)
+        if blank is None:
+            blank = self._blank(packed.dtype)
+        return blank.new().set_(storage, packed.offset, packed.size, packed.stride)
 
     def _bring_back(self, entry: Entry) -> None:
         """Make a swapped entry usable on the device (it may still be on its way out)."""
-        if entry.where is Where.DROPPED:
+        if entry.where is _DROPPED:
             entry.storage = entry.source.cast(entry.nbytes)  # Rule 10
-            entry.where = Where.BOTH
+            entry.where = _BOTH
             self.budget.charge(entry.nbytes)
             self._returned[entry.seq] = entry
             stats = self.runtime.stats
             stats.recasts += 1
             stats.recast_bytes += entry.nbytes
             return
-        if entry.where is Where.HOST:
+        if entry.where is _HOST:
             self._fetch(entry)  # not prefetched: on demand
-        if entry.where is Where.INCOMING:
+        if entry.where is _INCOMING:
             self.transfers.wait(entry.copy)
             entry.copy = None
-            entry.where = Where.BOTH
+            entry.where = _BOTH
             del self._prefetched[entry.seq]
             self._returned[entry.seq] = entry
-        elif entry.where is Where.OUTGOING:
+        elif entry.where is _OUTGOING:
             entry.wanted = True
 
     def _blank(self, dtype: torch.dtype) -> torch.Tensor:
@@ -626,7 +674,7 @@ class ActivationSwapper:
             blank = self._blanks[dtype] = torch.empty(0, dtype=dtype, device=self.device)
         return blank
 
-    def _track_backward(self) -> None:
+    def _track_backward(self, task: int) -> None:
         """Note the start of a backward, and have autograd tell us when it ends.
 
         Backwards nest (reentrant checkpointing runs one inside another): only the
@@ -636,7 +684,6 @@ class ActivationSwapper:
         backward prefetches from the top again. Autograd skips final callbacks
         when a backward raises; the next training forward ends such a backward.
         """
-        task = torch._C._current_graph_task_id()
         if task == -1:  # unpacked outside a backward (e.g. reading ``grad_fn._saved_*``)
             if self.phase is not Phase.BACKWARD:
                 self.phase = Phase.BACKWARD
@@ -676,7 +723,7 @@ class ActivationSwapper:
             raise
         entry.copy = copy
         entry.storage = copy.tensor.untyped_storage()
-        entry.where = Where.INCOMING
+        entry.where = _INCOMING
         self.budget.charge(entry.nbytes)
         self._prefetched[entry.seq] = entry
 
@@ -700,7 +747,7 @@ class ActivationSwapper:
         keys = plan_prefetch(candidates, self.budget.headroom(), len(self._prefetched), lookahead)
         for j in keys:
             entry = swapped[j]
-            if entry.where is Where.OUTGOING:
+            if entry.where is _OUTGOING:
                 entry.wanted = True
             else:
                 self._fetch(entry)
@@ -714,7 +761,10 @@ class ActivationSwapper:
 
         Called by ``Packed.__del__``, on whichever thread freed it (Rule 7).
         """
-        with self._section:
+        lock = self.lock
+        lock.acquire()  # the critical section (Rule 7), inline: see _Section
+        self._depth += 1
+        try:
             entry.refs -= 1
             if entry.refs > 0:
                 return
@@ -724,18 +774,25 @@ class ActivationSwapper:
                 self._deferred.append(entry)
                 return
             self._release(entry)
+        finally:
+            if self._deferred and self._depth == 1:
+                self._leave_section()  # releases what died meanwhile first
+            else:
+                self._depth -= 1
+                lock.release()
 
     def _release(self, entry: Entry) -> None:
         """Free what a dead entry holds (device copy, host block, budget)."""
-        if self._index.get(entry.ptr) is entry:
-            del self._index[entry.ptr]
+        index = self._index
+        if index.get(entry.ptr) is entry:
+            del index[entry.ptr]
         where = entry.where
-        if where is Where.OUTGOING or where is Where.DEAD:
+        if where is _OUTGOING or where is _DEAD:
             return  # OUTGOING: _reap frees it once the copy is done
-        if where in (Where.DEVICE, Where.BOTH):
+        if where is _DEVICE or where is _BOTH:
             self._unlist(entry)
             self.budget.release(entry.nbytes)
-        elif where is Where.INCOMING:
+        elif where is _INCOMING:
             # The copy still writes the device buffer: keep it alive until done.
             self._graveyard.append(entry.copy)
             self._prefetched.pop(entry.seq, None)
@@ -743,7 +800,7 @@ class ActivationSwapper:
         if entry.block is not None:
             self.pool.release(entry.block)
         entry.storage = entry.block = entry.copy = None
-        entry.where = Where.DEAD
+        entry.where = _DEAD
 
     # -- teardown -----------------------------------------------------------
 

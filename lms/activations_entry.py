@@ -39,6 +39,9 @@ class Where(enum.Enum):
     DEAD = "dead"
 
 
+_DEVICE = Where.DEVICE  # a global reads faster than an enum member (lms/activations.py)
+
+
 class Entry:
     """One saved storage and where it lives."""
 
@@ -55,19 +58,30 @@ class Entry:
         "wanted",
         "version",
         "family",
+        "counter",
         "source",
     )
 
     def __init__(
-        self, seq: int, storage: Any, ptr: int, nbytes: int, version: int, root: torch.Tensor
+        self,
+        seq: int,
+        storage: Any,
+        ptr: int,
+        nbytes: int,
+        version: int,
+        root: torch.Tensor,
+        counter: torch.Tensor,
     ) -> None:
         self.seq = seq
         self.nbytes = nbytes
         self.version = version  # the saved tensor's version when the entry was made (Rule 3)
         self.family = weakref.ref(root)  # whose version counter ``version`` was read from
+        # Rule 8: shares that family's version counter, holds no storage. Every tensor
+        # saved into this entry is of the family, so its ``Packed``s share this one.
+        self.counter = counter
         self.ptr = ptr  # storage.data_ptr(), which the caller has read already
         self.storage_ref = weakref.ref(storage)
-        self.where = Where.DEVICE
+        self.where = _DEVICE
         self.storage = storage  # the device storage while LMS holds one, else None
         self.block = None  # HostBlock holding the host copy, once swapped
         self.copy: Copy | None = None  # the copy in flight, if any
@@ -77,27 +91,28 @@ class Entry:
 
 
 class Packed:
-    """What autograd stores in place of a saved tensor: its entry and view geometry."""
+    """What autograd stores in place of a saved tensor: its entry and view geometry.
 
-    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride", "version", "counter")
+    The version the tensor had when saved, and the alias that sees its writes, are
+    the entry's (``Entry.counter``): every tensor saved into one entry shares them.
+    """
 
-    def __init__(
-        self, owner: ActivationSwapper, entry: Entry, t: torch.Tensor, counter: torch.Tensor
-    ) -> None:
+    __slots__ = ("owner", "entry", "dtype", "offset", "size", "stride")
+
+    def __init__(self, owner: ActivationSwapper, entry: Entry, t: torch.Tensor) -> None:
         self.owner = owner
         self.entry = entry
         self.dtype = t.dtype
         self.offset = t.storage_offset()
         self.size = t.size()
         self.stride = t.stride()
-        self.version = entry.version
-        self.counter = counter  # Rule 8: shares t's version counter, holds no storage
 
     def check_version(self) -> None:
         """Raise autograd's in-place error if the saved tensor was modified (Rule 8)."""
-        now = self.counter._version
-        if now != self.version:
-            _raise_modified(self.dtype, self.size, now, self.version)
+        entry = self.entry
+        now = entry.counter._version
+        if now != entry.version:
+            _raise_modified(self.dtype, self.size, now, entry.version)
 
     def __del__(self) -> None:
         if not sys.is_finalizing():

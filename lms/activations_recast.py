@@ -65,10 +65,28 @@ class Castable(NamedTuple):
 
     since: int  # autograd's next node number on this thread: nodes made later are newer
     params: dict[int, tuple[nn.Parameter, int]]  # by id: the parameter, and its version then
+    # The dtype all of ``params`` have, if they have one (``None`` if mixed): a saved
+    # tensor of that dtype is no cast of any of them, which is found without asking
+    # for its ``grad_fn`` (several microseconds per saved tensor, in a hook).
+    dtype: torch.dtype | None = None
+
+    @staticmethod
+    def of(since: int, params: list[nn.Parameter]) -> Castable | None:
+        """The ``Castable`` of ``params`` (their versions read now); ``None`` if there are none."""
+        if not params:
+            return None
+        dtypes = {p.dtype for p in params}
+        return Castable(
+            since,
+            {id(p): (p, p._version) for p in params},
+            dtypes.pop() if len(dtypes) == 1 else None,
+        )
 
 
 def cast_source(root: torch.Tensor, castable: Castable) -> CastSource | None:
     """The parameter ``root`` is a plain dtype cast of, if one of ``castable`` (Rule 10)."""
+    if root.dtype is castable.dtype:
+        return None  # every parameter has this dtype: a cast of one would have another
     fn = root.grad_fn
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return None

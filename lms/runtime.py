@@ -194,6 +194,29 @@ class MemoryBudget:
             if kept > stats.peak_resident_bytes:  # as _update (inlined: once per saved tensor)
                 stats.peak_resident_bytes = kept
 
+    def charge_if_fits(self, nbytes: int) -> int:
+        """Charge ``nbytes`` just allocated on the device (a tensor just saved) if they fit.
+
+        Returns ``excess(nbytes, allocated=True)``, read under the same lock: when it
+        is > 0, that many bytes must leave first, and nothing was charged. One call
+        where the swapper's hook made two (it runs once per saved tensor).
+        """
+        with self._lock:
+            measure = self.measure
+            if measure is None:  # as excess(nbytes, allocated=True)
+                need = self.resident_bytes + nbytes
+            else:
+                need = measure()
+            need -= self.leaving_bytes + self.limit - self.reserve
+            if need <= 0:  # as charge(nbytes)
+                resident = self.resident_bytes = self.resident_bytes + nbytes
+                stats = self.stats
+                stats.resident_bytes = resident
+                kept = resident - self.leaving_bytes
+                if kept > stats.peak_resident_bytes:
+                    stats.peak_resident_bytes = kept
+            return need
+
     def _update(self) -> None:
         self.stats.resident_bytes = self.resident_bytes
         kept = self.resident_bytes - self.leaving_bytes
