@@ -197,7 +197,8 @@ modules is in ``lms/weights_torch.py``.
 #   ``remove()`` reads the master) it is copied into the master. Written means
 #   the parameter's version counter moved since the fill (in-place ops on it, its
 #   views and ``.detach()``), or that the guard handed out ``.data`` (Rule 16),
-#   whose writes move no counter. Unseen: a write through ``.data`` taken while
+#   whose writes move no counter, or fetched it for an alias kept from an earlier
+#   step (which may be such a ``.data``). Unseen: a write through ``.data`` taken while
 #   the shell was resident (inside the owning module's forward, or after a guarded
 #   read fetched it); that write is lost when the shell is released.
 # Rule 18 (a sent gradient stays visible). Once a gradient is sent to the host,

@@ -47,7 +47,9 @@
 #   the CPU). A ``ShellAlias`` checks on each read. While its parameter wears the
 #   guard (between a forward and the end of its backward, shell not resident: out,
 #   or being filled by a prefetch on the copy stream) the read is a guarded read of
-#   the parameter: fetched, waited for, held. While the shell is resident it reads
+#   the parameter: fetched, waited for, held, and told as a ``.data`` read (the alias
+#   may be ``.data``, so a write through it reaches the master, NOTE [Weight paging]
+#   Rule 17). While the shell is resident it reads
 #   it (a later step's values, as without LMS). While it is released and the
 #   parameter is not guarded (between steps, or LMS removed) it raises ``LMSError``
 #   saying to keep a copy. Metadata stays readable. ``.numpy()`` of a
@@ -215,12 +217,17 @@ def _mark_aliases(out: Any, shells: list[torch.Tensor]) -> Any:
 
 
 def _fetch_owner(alias: ShellAlias, func: Any) -> None:
-    """A guarded read of the parameter behind ``alias``, if it wears the guard (Rule 5)."""
+    """A guarded read of the parameter behind ``alias``, if it wears the guard (Rule 5).
+
+    Told as a ``.data`` read whatever ``func`` is: the alias may be (a view of) ``.data``,
+    whose in-place writes move no version counter of the parameter, so the pager must
+    copy the shell back to be sure (NOTE [Weight paging] Rule 17).
+    """
     owner = _OWNERS.get(alias.untyped_storage()._cdata)
     fetch = getattr(type(owner), "_lms_fetch", None)
     on_read = fetch() if fetch is not None else None
     if on_read is not None:
-        on_read(owner, func)
+        on_read(owner, DATA_GET)
 
 
 class ShellAlias(torch.Tensor):

@@ -217,6 +217,32 @@ def test_an_alias_kept_into_a_later_step_reads_the_current_values_in_its_window(
     assert_between_steps(handle, paged)
 
 
+@pytest.mark.parametrize("take", [lambda b: b.data, lambda b: b.data[1:]], ids=["data", "view"])
+def test_a_write_through_a_data_alias_in_a_later_window_reaches_the_step(take):
+    # ``.data`` taken in one step's window and written in place in a later one's (the
+    # bias is not saved for backward, so plain PyTorch allows it): the write moves no
+    # version counter, so the fetch it triggers must count as a ``.data`` read (NOTE
+    # [Weight paging] Rule 17). Was: the write went to the shell only, and was lost.
+    base, paged = twins(MLP)
+    handle = enable_paging(paged)
+    kept = {}
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in data(3):
+            loss = F.cross_entropy(model(x), y)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                if model not in kept:
+                    kept[model] = take(model.head.bias)
+                else:
+                    kept[model].add_(1.0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert_same(base, paged)
+    assert_between_steps(handle, paged)
+
+
 def test_numpy_of_a_parameter_between_forward_and_backward():
     # Logging a histogram: ``p.detach().cpu().numpy()``. On the CPU ``.cpu()`` is the
     # shell itself and numpy made its storage non-resizable. Was: "Trying to resize
