@@ -106,7 +106,8 @@ modules is in ``lms/weights_torch.py``.
 #   inside a backward (``remove()`` from a hook), the wait ends with that backward,
 #   after the reducer's own end: ddl still writes the buckets it launched into
 #   ``.grad`` and announces them then, and a gradient sent earlier would have left
-#   LMS's placeholder (Rule 18) for it to write into.
+#   LMS's placeholder (Rule 18) for it to write into. A closed ``GradsReady``
+#   called after that announces nothing (another reducer may be deferring).
 # Rule 9 (activations are not ours). The activation path never swaps a
 #   parameter or a view whose base is one (NOTE [Activation swapping] Rule 2),
 #   which covers everything autograd saves from a shell; a copy made from a

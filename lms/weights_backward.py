@@ -73,7 +73,9 @@ class GradsReady:
     the host as they are, and once no reducer defers, LMS offloads each gradient
     as soon as AccumulateGrad has made it again. Closed inside a backward (from a
     hook), it takes effect at that backward's end, after the reducer's own end of
-    backward, which may still reduce and announce. Idempotent.
+    backward, which may still reduce and announce. Idempotent. Once in effect, a
+    call announces nothing: it would send gradients that another reducer, still
+    deferring, is about to reduce.
     """
 
     __slots__ = ("_pager", "closed")
@@ -83,6 +85,8 @@ class GradsReady:
         self.closed = False
 
     def __call__(self, params: Iterable[torch.Tensor]) -> None:
+        if self.closed and self not in self._pager._reducers:
+            return  # its reducer is gone (Rule 8)
         self._pager.grads_ready(params)
 
     def close(self) -> None:

@@ -642,6 +642,28 @@ def test_a_closed_reducer_leaves_the_other_deferring_one_waited_for():
     handle.remove()
 
 
+def test_a_closed_grads_ready_called_again_announces_nothing():
+    # A reducer closed (its handle removed), a new one deferring, and the old callable
+    # still called (a hook left behind). Was: the old call sent the gradients the new
+    # reducer was about to reduce, which then wrote into LMS's placeholder (RuntimeError).
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    old = handle.defer_grad_offload()
+    old.close()
+    FakeReducer(base)
+    FakeReducer(paged, handle.defer_grad_offload())
+    FakeReducer(paged, old).sync = False  # announces each gradient from its hook
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (base, paged)]
+    for x, y in batches(2):
+        for model, opt in zip((base, paged), opts):
+            model(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert handle.phase is Phase.HOST
+    assert_same_params(base, paged)
+    handle.remove()
+
+
 def test_reducer_hooks_before_lms_with_accumulation_is_refused():
     _, paged = pair()
     red = FakeReducer(paged)  # registered first: would reduce a partial gradient
