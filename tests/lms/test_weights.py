@@ -105,6 +105,28 @@ def test_parity_bitwise_model_several_times_the_limit(make_opt):
     handle.remove()
 
 
+def test_gradient_clipping_between_backward_and_step_matches():
+    # clip_grad_norm_ reads every .grad between backward and step: the host accumulators
+    # of paged parameters and the device gradients of resident ones (on a GPU it sums
+    # the norms of the two devices; here both are the CPU, so the sums are the same).
+    base, paged = pair()
+    handle = attach_weight_paging(paged, runtime())
+    assert handle.paged_names and len(handle.paged_names) < len(list(paged.parameters()))
+    norms = {}
+    for model in (base, paged):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        norms[model] = []
+        for x, y in batches(4):
+            model(x, y).backward()
+            norms[model].append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1))
+            opt.step()
+            opt.zero_grad()
+    assert all(n > 0.1 for n in norms[base])  # clipping was active
+    assert all(torch.equal(a, b) for a, b in zip(norms[base], norms[paged]))
+    assert_same_params(base, paged)
+    handle.remove()
+
+
 def test_unfused_host_optimizer_warns_once():
     _, paged = pair()
     handle = attach_weight_paging(paged, runtime())
