@@ -31,6 +31,13 @@ Reference (the default command; 2-core AMD EPYC, torch 2.13.0+cpu, 2026-11-29; 3
 tensors a step; median us per saved tensor, wall clock, two runs each, before -> after
 commit 1cb690f, "cheaper saved-tensor hooks"): none-eligible 11.2, 11.4 -> 11.0, 10.7;
 kept 54.4, 54.4 -> 48.1, 47.3; swapped 137.8, 137.0 -> 125.1, 128.8.
+Again 2026-11-29 15:46-15:48 UTC, before 2f536f0 -> after 35bda61 and the commit that adds
+this paragraph ("cheaper saved-tensor hooks, same behaviour"), runs interleaved, under load
+from other jobs (a run's medians moved by up to 15% from the run before): none-eligible
+13.9, 15.4 -> 14.4, 14.6; kept 46.6, 50.0 -> 43.2, 41.9; swapped 117.4, 134.4 -> 111.9,
+110.6. Steadier, paired in one process (old LMS, new LMS and the plain model stepped in
+turn, 150 rounds, thread CPU time, new minus old per round, median (q1..q3), 15:38 UTC):
+none-eligible -1.0 (-3.4..1.5), kept -7.3 (-11.3..-3.2), swapped -15.0 (-22.1..-8.4).
 """
 
 from __future__ import annotations

@@ -239,7 +239,9 @@ class ActivationSwapper:
         self._section = _Section(self)
         # Parameters and buffers, listed once: their storage pointers are re-read
         # every forward (weight paging may move them), the module tree is not walked.
-        self._owned = [*model.parameters(), *model.buffers()]
+        self._owned: list[torch.Tensor] = []
+        self._params: list[nn.Parameter] = []  # those of them that are Parameters
+        self._list_owned()
         # Parameters whose casts may be dropped and made again (Rule 10): the
         # model's parameters except the paged ones, which ``lms.enable`` lists in
         # ``paged`` once weight paging is attached. Each training forward puts a
@@ -284,6 +286,12 @@ class ActivationSwapper:
             self.budget.add_evictor(self._make_room),
         ]
 
+    def _list_owned(self) -> None:
+        self._owned = [*self.model.parameters(), *self.model.buffers()]
+        # ``isinstance`` runs Python code for ``Parameter`` (its metaclass defines
+        # ``__instancecheck__``): asked here, once per listing, not every forward.
+        self._params = [t for t in self._owned if isinstance(t, nn.Parameter)]
+
     def _scopes(self) -> list[Any]:
         scopes = getattr(self._threads, "scopes", None)
         if scopes is None:
@@ -303,7 +311,7 @@ class ActivationSwapper:
         if first is not None and first is not self._owned[0]:
             # Parameters replaced (``.to()`` across device kinds, ``load_state_dict(
             # assign=True)``): list them again, so the frozen set stays right.
-            self._owned = [*self.model.parameters(), *self.model.buffers()]
+            self._list_owned()
         if self.home is not None and first is not None and first.device != self.home:
             self._check_move(first.device, scopes)
         with self._critical():
@@ -318,11 +326,7 @@ class ActivationSwapper:
             paged = self.paged
             self._threads.castable = Castable.of(
                 torch._C._autograd._get_sequence_nr(),
-                [
-                    t
-                    for t in self._owned
-                    if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in paged
-                ],
+                [t for t in self._params if t.requires_grad and id(t) not in paged],
             )
             self._swapped = [e for e in self._swapped if e.where is not _DEAD]
             self.transfers.collect_stalls()  # once a step, so timing events do not pile up
