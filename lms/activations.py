@@ -14,8 +14,9 @@
 #    the model (``copy.deepcopy``, pickling) gets inert hooks: LMS is not on it.
 # 2. What may move. Plain strided tensors on the model's device whose storage is
 #    at least ``min_size``. Never parameters, views of parameters, buffers, or
-#    leaves that require grad (the user holds those; moving them frees nothing).
-#    Tensor subclasses are left alone. A model moved to another device after
+#    leaves that require grad (the user holds those; moving them frees nothing),
+#    nor the plain tensors inside a wrapper-subclass parameter (a DTensor's local
+#    shard). Tensor subclasses are left alone. A model moved to another device after
 #    ``enable`` would have nothing eligible, silently: its training forward
 #    raises ``LMSError`` instead.
 # 3. Storages, not tensors. Everything is keyed by the storage: a tensor saved
@@ -183,6 +184,19 @@ def _hooks_allowed() -> bool:
     return is_enabled is None or is_enabled()
 
 
+def _inner_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors``, each wrapper subclass replaced by the plain tensors it wraps (Rule 2)."""
+    out, stack = [], list(tensors)
+    while stack:
+        t = stack.pop()
+        if hasattr(type(t), "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            stack.extend(getattr(t, n) for n in names)
+        else:
+            out.append(t)
+    return out
+
+
 class ActivationSwapper:
     """Swaps a model's saved activations between device and host under the runtime's budget.
 
@@ -288,6 +302,9 @@ class ActivationSwapper:
 
     def _list_owned(self) -> None:
         self._owned = [*self.model.parameters(), *self.model.buffers()]
+        # Rule 2: a wrapper subclass (DTensor, a quantized wrapper) has no storage of
+        # its own; its inner tensors hold the model's values, and never move either.
+        self._owned_storages = _inner_tensors(self._owned)
         # ``isinstance`` runs Python code for ``Parameter`` (its metaclass defines
         # ``__instancecheck__``): asked here, once per listing, not every forward.
         self._params = [t for t in self._owned if isinstance(t, nn.Parameter)]
@@ -322,7 +339,7 @@ class ActivationSwapper:
                 self._tasks.clear()
                 self._end_backward()
             self.phase = Phase.FORWARD
-            self._frozen = {t.untyped_storage().data_ptr() for t in self._owned}
+            self._frozen = {t.untyped_storage().data_ptr() for t in self._owned_storages}
             paged = self.paged
             self._threads.castable = Castable.of(
                 torch._C._autograd._get_sequence_nr(),

@@ -7,11 +7,13 @@ densely in another order (``channels_last``, a transposed weight) keeps that lay
 while paged (``paged_strides`` in lms/weights_grads.py).
 """
 
+import pytest
 import torch
 from paged_twins import MLP, twins
 from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
+import lms
 from lms.config import LMSConfig
 from lms.runtime import Runtime
 from lms.weights import attach_weight_paging
@@ -52,6 +54,26 @@ def test_a_wrapper_subclass_parameter_stays_resident_and_training_is_unchanged()
     for (name, a), b in zip(base.named_parameters(), paged.parameters()):
         assert type(a) is type(b), name
         assert torch.equal(a.detach(), b.detach()), name
+    handle.remove()
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_lms_enable_on_a_model_with_a_wrapper_subclass_parameter_matches(weights):
+    # Was: RuntimeError "Attempted to access the data pointer on an invalid python
+    # storage" at the first forward, from the activation path's list of parameter
+    # storages (a wrapper subclass has none of its own).
+    base, paged = twins(wrapped_first_layer)
+    handle = lms.enable(paged, limit=0, min_size=0, weights=weights)
+    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        for x in xs:
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(base.named_parameters(), paged.parameters()):
+        assert type(a) is type(b) and torch.equal(a.detach(), b.detach()), name
+    assert handle.stats().swap_outs > 0  # the plain activations still moved
     handle.remove()
 
 
