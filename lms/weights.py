@@ -213,6 +213,17 @@ modules is in ``lms/weights_torch.py``.
 #   holds the gradient. Code that reads ``.grad`` between LMS's grad hook and the
 #   end of the backward (another post-accumulate-grad hook) sees zeros, as it saw
 #   None before: the value is on its way to the host.
+# Rule 19 (autocast's cache). Autocast caches the low-precision cast of each leaf
+#   parameter until its region ends, which would keep a copy of every paged weight
+#   on the device; so the cache is cleared after each paged module's forward
+#   (casts saved for backward are activations, swapped by lms/activations.py under
+#   the same budget). A weight tied between modules (``pp.owners`` > 1) is the
+#   exception: plain autocast casts it once and sums its uses' gradients in low
+#   precision before that one cast's backward, so clearing between its uses would
+#   change the gradient (two casts, summed in fp32). The clear is skipped while a
+#   tied weight has run in fewer of its modules than own it in this forward, and
+#   made at the end of the forward if one never ran in the rest (a branch). One
+#   module called twice is not known to be shared, so its weight is cast per call.
 """
 
 from __future__ import annotations
@@ -406,6 +417,7 @@ class WeightPaging(GradientSide):
         self.prefetched = 0
         self.on_demand = 0
         self._no_backward_fetch: set[int] = set()  # Rule 11, from each module's last call
+        self._cast_uses: dict[PagedParam, int] = {}  # Rule 19: tied weights used this forward
         self._setup()
         # Rule 5; its staging blocks hold the largest paged parameter.
         self.grads = GradOffload(runtime, max((pp.nbytes for pp in self.paged), default=0))
@@ -521,6 +533,8 @@ class WeightPaging(GradientSide):
         self._module_ids[id(module)] = idx
         self._module_params.append(mine)
         self._module_names.append(mname)
+        for pp in mine:
+            pp.owners += 1
         h = self._handles
         pre = _PagedModuleHook(functools.partial(self._mod_pre, idx), self, mine)
         # First of the module's pre-hooks (Rule 3): a pre-hook registered before
@@ -573,6 +587,7 @@ class WeightPaging(GradientSide):
                 self._hook_module(name, module, [pp])
             elif pp not in self._module_params[idx]:
                 self._module_params[idx].append(pp)
+                pp.owners += 1
 
     def is_paged_storage(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in a paged parameter's device shell (Rule 9)."""
@@ -813,9 +828,13 @@ class WeightPaging(GradientSide):
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         with self.rt.lock:
             self._enter_device()
+            self._cast_uses.clear()  # Rule 19: counted per forward
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         with self.rt.lock:
+            if self._tied_cast_pending() and autocast_on(self.rt.device.type):
+                torch.clear_autocast_cache()  # Rule 19: a tied weight's other owner never ran
+            self._cast_uses.clear()
             if self._graph_pending:
                 if output is not None:  # None: the forward raised; no backward follows it
                     # Backward starts with the modules that ran last: fetch them now.
@@ -860,12 +879,7 @@ class WeightPaging(GradientSide):
             keep = torch.is_grad_enabled() and trainable and not hooked and output is not None
             self._graph_pending = self._graph_pending or hooked or keep
             if autocast_on(self.rt.device.type):
-                # Autocast caches the low-precision cast of every leaf parameter until
-                # the region ends, which would keep a copy of every paged weight on the
-                # device. Dropping the cache here costs a re-cast for a tied weight
-                # (same values); casts saved for backward are activations, swapped by
-                # lms/activations.py under the same budget.
-                torch.clear_autocast_cache()
+                self._drop_casts(params)  # Rule 19
             for pp in params:
                 pp.fwd_users = max(0, pp.fwd_users - 1)
                 if keep:
@@ -875,6 +889,17 @@ class WeightPaging(GradientSide):
                     # A held parameter is in use by backward (e.g. a checkpointed
                     # module recomputing its forward inside backward).
                     self._release(pp)
+
+    def _drop_casts(self, params: list[PagedParam]) -> None:
+        """Clear autocast's cache after a paged module, unless a tied weight needs it (Rule 19)."""
+        for pp in params:
+            if pp.owners > 1:
+                self._cast_uses[pp] = self._cast_uses.get(pp, 0) + 1
+        if not self._tied_cast_pending():
+            torch.clear_autocast_cache()
+
+    def _tied_cast_pending(self) -> bool:
+        return any(n < pp.owners for pp, n in self._cast_uses.items())
 
     # -- backward hooks ------------------------------------------------------
 
