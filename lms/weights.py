@@ -215,15 +215,18 @@ modules is in ``lms/weights_torch.py``.
 #   None before: the value is on its way to the host.
 # Rule 19 (autocast's cache). Autocast caches the low-precision cast of each leaf
 #   parameter until its region ends, which would keep a copy of every paged weight
-#   on the device; so the cache is cleared after each paged module's forward
-#   (casts saved for backward are activations, swapped by lms/activations.py under
-#   the same budget). A weight tied between modules (``pp.owners`` > 1) is the
-#   exception: plain autocast casts it once and sums its uses' gradients in low
-#   precision before that one cast's backward, so clearing between its uses would
-#   change the gradient (two casts, summed in fp32). The clear is skipped while a
-#   tied weight has run in fewer of its modules than own it in this forward, and
-#   made at the end of the forward if one never ran in the rest (a branch). One
-#   module called twice is not known to be shared, so its weight is cast per call.
+#   on the device; so the cache is cleared between paged modules (casts saved for
+#   backward are activations, swapped by lms/activations.py under the same
+#   budget). But plain autocast casts a weight used twice once, and sums its uses'
+#   gradients in low precision before that one cast's backward: clearing between
+#   the uses would change the gradient (two casts, summed in fp32). So the clear
+#   due after a paged module's forward is made at the next paged module's forward
+#   pre-hook, and skipped there while that module's weights were cast since the
+#   last clear (a module called again in a row: ALBERT's shared layer) or while a
+#   weight tied between modules (``pp.owners`` > 1) has run in fewer of its modules
+#   than own it in this forward; the end of the forward makes any clear still due.
+#   Not covered: a module called again after another paged module ran in between
+#   (A, B, A): its weight is cast per call.
 """
 
 from __future__ import annotations
@@ -418,6 +421,7 @@ class WeightPaging(GradientSide):
         self.on_demand = 0
         self._no_backward_fetch: set[int] = set()  # Rule 11, from each module's last call
         self._cast_uses: dict[PagedParam, int] = {}  # Rule 19: tied weights used this forward
+        self._cast_since_clear: set[PagedParam] = set()  # Rule 19: a clear is due if any
         self._setup()
         # Rule 5; its staging blocks hold the largest paged parameter.
         self.grads = GradOffload(runtime, max((pp.nbytes for pp in self.paged), default=0))
@@ -828,12 +832,14 @@ class WeightPaging(GradientSide):
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         with self.rt.lock:
             self._enter_device()
-            self._cast_uses.clear()  # Rule 19: counted per forward
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         with self.rt.lock:
-            if self._tied_cast_pending() and autocast_on(self.rt.device.type):
-                torch.clear_autocast_cache()  # Rule 19: a tied weight's other owner never ran
+            if self._cast_since_clear:
+                # Rule 19: no module of this forward reuses a cast now (also when a
+                # tied weight's other module never ran, or the forward raised).
+                torch.clear_autocast_cache()
+                self._cast_since_clear.clear()
             self._cast_uses.clear()
             if self._graph_pending:
                 if output is not None:  # None: the forward raised; no backward follows it
@@ -852,6 +858,8 @@ class WeightPaging(GradientSide):
                 # Many grad-enabled forwards and no backward: keep the trace bounded.
                 self.tracker.finish_step()
             pos = self.tracker.see(idx)
+            if self._cast_since_clear and autocast_on(self.rt.device.type):
+                self._drop_casts(self._module_params[idx])  # Rule 19
             for pp in self._module_params[idx]:
                 pp.fwd_users += 1
                 self._acquire(pp)
@@ -879,7 +887,7 @@ class WeightPaging(GradientSide):
             keep = torch.is_grad_enabled() and trainable and not hooked and output is not None
             self._graph_pending = self._graph_pending or hooked or keep
             if autocast_on(self.rt.device.type):
-                self._drop_casts(params)  # Rule 19
+                self._note_casts(params)  # Rule 19
             for pp in params:
                 pp.fwd_users = max(0, pp.fwd_users - 1)
                 if keep:
@@ -890,13 +898,19 @@ class WeightPaging(GradientSide):
                     # module recomputing its forward inside backward).
                     self._release(pp)
 
-    def _drop_casts(self, params: list[PagedParam]) -> None:
-        """Clear autocast's cache after a paged module, unless a tied weight needs it (Rule 19)."""
+    def _note_casts(self, params: list[PagedParam]) -> None:
+        """After a paged module under autocast: its weights' casts are cached (Rule 19)."""
         for pp in params:
             if pp.owners > 1:
                 self._cast_uses[pp] = self._cast_uses.get(pp, 0) + 1
-        if not self._tied_cast_pending():
-            torch.clear_autocast_cache()
+        self._cast_since_clear.update(params)
+
+    def _drop_casts(self, params: list[PagedParam]) -> None:
+        """Before a paged module: clear autocast's cache unless it reuses a cast (Rule 19)."""
+        if self._tied_cast_pending() or not self._cast_since_clear.isdisjoint(params):
+            return
+        torch.clear_autocast_cache()
+        self._cast_since_clear.clear()
 
     def _tied_cast_pending(self) -> bool:
         return any(n < pp.owners for pp, n in self._cast_uses.items())

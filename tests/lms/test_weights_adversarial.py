@@ -711,14 +711,22 @@ def test_model_to_after_enable_is_refused_clearly():
 
 
 class CalledTwice(nn.Module):
-    """One Linear applied twice: its weight is shared by calls, not by modules."""
+    """One Linear applied twice in a row (ALBERT's shared layer): shared by calls."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(64, 64, bias=False)
+        self.mid = nn.Linear(64, 64, bias=False).requires_grad_(False)
 
     def forward(self, x):
-        return self.lin(torch.relu(self.lin(x)))
+        return self.mid(self.lin(torch.relu(self.lin(x))))
+
+
+class Interleaved(CalledTwice):
+    """The same Linear, called again after another paged module ran in between."""
+
+    def forward(self, x):
+        return self.lin(self.mid(torch.relu(self.lin(x))))
 
 
 def tied_linears():
@@ -729,15 +737,16 @@ def tied_linears():
 
 @pytest.mark.parametrize(
     "make, cast_once",
-    [(tied_linears, True), (CalledTwice, False)],
-    ids=["tied_between_modules", "one_module_called_twice"],
+    [(tied_linears, True), (CalledTwice, True), (Interleaved, False)],
+    ids=["tied_between_modules", "called_twice_in_a_row", "called_again_after_another"],
 )
 def test_a_paged_weight_used_twice_under_autocast(make, cast_once):
     # Plain autocast casts a weight once per region and sums its uses' gradients in
-    # bf16 before that cast's backward. A weight tied between modules keeps that cast
-    # (NOTE [Weight paging] Rule 19): bitwise plain autocast (was: cast per use, 2.4e-3
-    # of the largest entry off). One module called twice is not known to be shared: its
-    # weight is cast per call, bitwise autocast with its cache off (the README says so).
+    # bf16 before that cast's backward. A weight tied between modules, or a module
+    # called twice in a row, keeps that cast (NOTE [Weight paging] Rule 19): bitwise
+    # plain autocast (was: cast per use, 2.4e-3 of the largest entry off). Called again
+    # after another paged module, its weight is cast per call: bitwise autocast with
+    # its cache off (the README says so).
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
 
     def weight_grad(model, cache_enabled=True):
@@ -754,7 +763,7 @@ def test_a_paged_weight_used_twice_under_autocast(make, cast_once):
     assert not torch.equal(cache_on, cache_off)  # the case matters
     model = build()
     with lms.enable(model, limit=0, min_size=0, weights=True) as handle:
-        assert len(handle.weights.paged_names) == 1
+        assert next(n for n, _ in model.named_parameters()) in handle.weights.paged_names
         got = [weight_grad(model) for _ in range(2)]  # the first step and a learned one
         model.zero_grad()
     want = cache_on if cast_once else cache_off
