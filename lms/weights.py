@@ -224,7 +224,9 @@ modules is in ``lms/weights_torch.py``.
 #   pre-hook, and skipped there while that module's weights were cast since the
 #   last clear (a module called again in a row: ALBERT's shared layer) or while a
 #   weight tied between modules (``pp.owners`` > 1) has run in fewer of its modules
-#   than own it in this forward; the end of the forward makes any clear still due.
+#   than own it in this forward (counted from the model's forward pre-hook: a
+#   checkpointed owner recomputed in backward counts too, with no end of forward
+#   after it); the end of the forward makes any clear still due.
 #   Not covered: a module called again after another paged module ran in between
 #   (A, B, A): its weight is cast per call.
 """
@@ -832,6 +834,9 @@ class WeightPaging(GradientSide):
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         with self.rt.lock:
             self._enter_device()
+            # Rule 19: counted per forward. A checkpointed module recomputed in backward
+            # counts its uses too, and no _root_post follows it to reset them.
+            self._cast_uses.clear()
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         with self.rt.lock:

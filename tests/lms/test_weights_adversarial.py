@@ -768,3 +768,40 @@ def test_a_paged_weight_used_twice_under_autocast(make, cast_once):
         model.zero_grad()
     want = cache_on if cast_once else cache_off
     assert torch.equal(got[0], want) and torch.equal(got[1], 2 * want)
+
+
+class TiedCheckpointed(nn.Module):
+    """A weight tied between two Linears, the first of them checkpointed."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.mid = nn.Linear(64, 64, bias=False)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        x = torch.relu(checkpoint(self.a, x, use_reentrant=self.use_reentrant))
+        return self.b(torch.relu(self.mid(x)))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_tied_weight_under_autocast_with_its_module_checkpointed(use_reentrant):
+    # Recomputing the checkpointed owner in backward runs its hooks, which count a use
+    # of the tied weight (Rule 19) with no end of forward after them. That count was
+    # carried into the next forward, which then cleared the cache between the two
+    # owners: the tied weight's gradient was off from the second step on
+    # (use_reentrant=False; now bitwise plain autocast on every step).
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    base, paged = pair(lambda: TiedCheckpointed(use_reentrant))
+    enable(paged)
+    for _ in range(3):
+        for model in (base, paged):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = model(x).float().square().mean()
+            loss.backward()
+        for (name, p), q in zip(base.named_parameters(), paged.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        base.zero_grad()
+        paged.zero_grad()
