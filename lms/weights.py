@@ -226,7 +226,10 @@ modules is in ``lms/weights_torch.py``.
 #   weight tied between modules (``pp.owners`` > 1) has run in fewer of its modules
 #   than own it in this forward (counted from the model's forward pre-hook: a
 #   checkpointed owner recomputed in backward counts too, with no end of forward
-#   after it); the end of the forward makes any clear still due.
+#   after it); the end of the forward makes any clear still due. An exact
+#   ``nn.Embedding`` is not counted as an owner: its lookup casts nothing, and
+#   counting it kept every cast of GPT's forward (embedding first, tied head last)
+#   on the device until the head.
 #   Not covered: a module called again after another paged module ran in between
 #   (A, B, A): its weight is cast per call.
 """
@@ -262,7 +265,13 @@ from .weights_plan import (
     plan_weights,
     prefetch_targets,
 )
-from .weights_torch import autocast_on, backward_reads_weights, borrowed_params, movable
+from .weights_torch import (
+    autocast_on,
+    backward_reads_weights,
+    borrowed_params,
+    casts_weights,
+    movable,
+)
 
 __all__ = ["WeightPaging", "attach_weight_paging", "plan_for_model"]
 
@@ -539,8 +548,9 @@ class WeightPaging(GradientSide):
         self._module_ids[id(module)] = idx
         self._module_params.append(mine)
         self._module_names.append(mname)
-        for pp in mine:
-            pp.owners += 1
+        if casts_weights(module):  # Rule 19: a lookup table's module keeps no cast
+            for pp in mine:
+                pp.owners += 1
         h = self._handles
         pre = _PagedModuleHook(functools.partial(self._mod_pre, idx), self, mine)
         # First of the module's pre-hooks (Rule 3): a pre-hook registered before
@@ -593,7 +603,7 @@ class WeightPaging(GradientSide):
                 self._hook_module(name, module, [pp])
             elif pp not in self._module_params[idx]:
                 self._module_params[idx].append(pp)
-                pp.owners += 1
+                pp.owners += casts_weights(module)  # Rule 19
 
     def is_paged_storage(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in a paged parameter's device shell (Rule 9)."""
@@ -892,7 +902,7 @@ class WeightPaging(GradientSide):
             keep = torch.is_grad_enabled() and trainable and not hooked and output is not None
             self._graph_pending = self._graph_pending or hooked or keep
             if autocast_on(self.rt.device.type):
-                self._note_casts(params)  # Rule 19
+                self._note_casts(module, params)  # Rule 19
             for pp in params:
                 pp.fwd_users = max(0, pp.fwd_users - 1)
                 if keep:
@@ -903,8 +913,10 @@ class WeightPaging(GradientSide):
                     # module recomputing its forward inside backward).
                     self._release(pp)
 
-    def _note_casts(self, params: list[PagedParam]) -> None:
+    def _note_casts(self, module: nn.Module, params: list[PagedParam]) -> None:
         """After a paged module under autocast: its weights' casts are cached (Rule 19)."""
+        if not casts_weights(module):
+            return  # nothing of its weights in the cache, nor counted in ``owners``
         for pp in params:
             if pp.owners > 1:
                 self._cast_uses[pp] = self._cast_uses.get(pp, 0) + 1

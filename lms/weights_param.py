@@ -50,7 +50,7 @@ class PagedParam:
         self.where = Where.OUT
         self.fill: Copy | None = None
         self.fwd_users = 0  # forward modules using it now (Rule 4)
-        self.owners = 0  # modules whose hooks fetch it; more than one: tied (Rule 19)
+        self.owners = 0  # modules whose hooks fetch it and may cast it; 2+: tied (Rule 19)
         self.held = False  # needed by backward: only the grad hook or its end releases
         self.acc_block: HostBlock | None = None
         self.acc: torch.Tensor | None = None  # host gradient accumulator

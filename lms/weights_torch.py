@@ -16,6 +16,7 @@ __all__ = [
     "autocast_on",
     "backward_reads_weights",
     "borrowed_params",
+    "casts_weights",
     "graph_task_id",
     "movable",
 ]
@@ -36,6 +37,15 @@ def backward_reads_weights(module: nn.Module, params: list[PagedParam], device_t
         # is what autograd saves, so backward never reads the fp32 weight itself.
         return any(pp.param.dtype != torch.float32 for pp in params)
     return True
+
+
+def casts_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may have autocast cast (and cache) its weights.
+
+    NOTE [Weight paging] Rule 19. Only exact ``nn.Embedding`` says no: ``embedding``
+    is on none of autocast's lists, so the lookup reads the table in its own dtype.
+    """
+    return type(module) is not nn.Embedding
 
 
 def borrowed_params(module: nn.Module) -> list[nn.Parameter]:

@@ -8,6 +8,7 @@ has the rules that the fixes found here added (Rules 3, 5, 13, 14 and 15).
 
 import copy
 import io
+import weakref
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from failing_backward import FailsInBackward
 from paged_twins import MLP, twins
 from paged_twins import enable_paging as enable
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import lms
@@ -805,3 +807,61 @@ def test_a_tied_weight_under_autocast_with_its_module_checkpointed(use_reentrant
             assert torch.equal(p.grad, q.grad), name
         base.zero_grad()
         paged.zero_grad()
+
+
+class _LiveCasts(TorchDispatchMode):
+    """Weak references to every bf16 cast of a 2-d fp32 tensor (autocast's weight casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0]
+        if func is torch.ops.aten._to_copy.default and out.dtype is torch.bfloat16:
+            if src.dtype is torch.float32 and src.dim() == 2:
+                self.refs.append(weakref.ref(out))
+        return out
+
+    def alive(self):
+        return sum(r() is not None for r in self.refs)
+
+
+class TiedHead(nn.Module):
+    """GPT's shape: an embedding, Linear blocks, and a head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(64, 64)
+        self.h = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(6))
+        self.head = nn.Linear(64, 64, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, i):
+        x = self.wte(i)
+        for block in self.h:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_a_tied_embedding_does_not_keep_every_cast_under_autocast():
+    # The embedding's lookup casts nothing, so it is no owner of a cast to keep
+    # (Rule 19): the blocks' casts are cleared as they go, as without the tie (was:
+    # all six blocks' bf16 casts alive on the device when the head ran). The tied
+    # weight's gradient stays bitwise plain autocast's.
+    i = torch.randint(64, (4, 8), generator=torch.Generator().manual_seed(1))
+    base, paged = pair(TiedHead)
+    enable(paged)
+    for model in (base, paged):
+        casts, seen = _LiveCasts(), []
+        model.head.register_forward_pre_hook(lambda *_, c=casts, s=seen: s.append(c.alive()))
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), casts:
+            model(i)  # eval: only autocast's cache holds the casts
+        with torch.autocast("cpu", torch.bfloat16), casts:
+            loss = model(i).float().square().mean()
+        loss.backward()
+        model._seen = seen
+    assert base._seen == [6, 6] and paged._seen == [0, 0]
+    for (name, p), q in zip(base.named_parameters(), paged.parameters()):
+        assert torch.equal(p.grad, q.grad), name
