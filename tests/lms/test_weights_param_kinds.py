@@ -29,6 +29,17 @@ def wrapped_first_layer():
     return model
 
 
+def train_both(base, paged, steps=3):
+    """The same SGD steps on both models (fused: one kernel for wrapped and plain data)."""
+    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(steps)]
+    for model in (base, paged):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        for x in xs:
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+
 def test_the_plan_never_pages_an_unmovable_parameter():
     params = [ParamInfo("wrapped", 1000, movable=False), ParamInfo("plain", 1000)]
     assert plan_weights(params, limit=0, min_size=0, mode=True).paged == {"plain"}
@@ -44,16 +55,9 @@ def test_a_wrapper_subclass_parameter_stays_resident_and_training_is_unchanged()
         paged, Runtime(torch.device("cpu"), LMSConfig(limit=0, min_size=0, weights=True))
     )
     assert "layers.0.weight" not in handle.paged_names and "layers.1.weight" in handle.paged_names
-    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    for model in (base, paged):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
-        for x in xs:
-            model(x).pow(2).sum().backward()
-            opt.step()
-            opt.zero_grad()
+    train_both(base, paged)
     for (name, a), b in zip(base.named_parameters(), paged.parameters()):
-        assert type(a) is type(b), name
-        assert torch.equal(a.detach(), b.detach()), name
+        assert type(a) is type(b) and torch.equal(a.detach(), b.detach()), name
     handle.remove()
 
 
@@ -64,13 +68,7 @@ def test_lms_enable_on_a_model_with_a_wrapper_subclass_parameter_matches(weights
     # storages (a wrapper subclass has none of its own).
     base, paged = twins(wrapped_first_layer)
     handle = lms.enable(paged, limit=0, min_size=0, weights=weights)
-    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    for model in (base, paged):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
-        for x in xs:
-            model(x).pow(2).sum().backward()
-            opt.step()
-            opt.zero_grad()
+    train_both(base, paged)
     for (name, a), b in zip(base.named_parameters(), paged.parameters()):
         assert type(a) is type(b) and torch.equal(a.detach(), b.detach()), name
     assert handle.stats().swap_outs > 0  # the plain activations still moved
