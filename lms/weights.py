@@ -231,7 +231,10 @@ modules is in ``lms/weights_torch.py``.
 #   counting it kept every cast of GPT's forward (embedding first, tied head last)
 #   on the device until the head.
 #   Not covered: a module called again after another paged module ran in between
-#   (A, B, A): its weight is cast per call.
+#   (A, B, A), or using its own paged weight before and after paged children: its
+#   weight is cast per use. The clears empty the whole cache, so a resident weight
+#   used before and after a paged module is cast per use too (only paged modules
+#   are hooked; counting resident ones would hook every module).
 """
 
 from __future__ import annotations
