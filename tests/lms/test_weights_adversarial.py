@@ -794,8 +794,9 @@ def test_a_tied_weight_under_autocast_with_its_module_checkpointed(use_reentrant
     # of the tied weight (Rule 19) with no end of forward after them. That count was
     # carried into the next forward, which then cleared the cache between the two
     # owners: the tied weight's gradient was off from the second step on
-    # (use_reentrant=False; now bitwise plain autocast on every step).
-    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    # (use_reentrant=False; now bitwise plain autocast on every step). The input
+    # requires grad, else a reentrant checkpoint passes no gradient to ``a`` at all.
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
     base, paged = pair(lambda: TiedCheckpointed(use_reentrant))
     enable(paged)
     for _ in range(3):
