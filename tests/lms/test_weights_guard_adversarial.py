@@ -74,6 +74,14 @@ def run(model, steps, between=None):
     return losses
 
 
+def assert_runs_match(base, paged, handle, between):
+    """Three steps of each with ``between``: same losses and parameters, pager back in HOST."""
+    losses = [run(m, data(3), between) for m in (base, paged)]
+    assert all(torch.equal(a, b) for a, b in zip(*losses))
+    assert_same(base, paged)
+    assert_between_steps(handle, paged)
+
+
 def test_a_module_that_writes_its_weight_in_forward_keeps_the_write():
     # nn.Embedding(max_norm=...) renormalizes the rows it looks up in place. Was: the
     # write landed in the device shell only and was dropped when the shell was
@@ -106,11 +114,7 @@ def test_a_write_between_forward_and_backward_reaches_the_step(write):
             write(model)
 
     base, paged = twins(MLP)
-    handle = enable_paging(paged)
-    losses = [run(m, data(3), between) for m in (base, paged)]
-    assert all(torch.equal(a, b) for a, b in zip(*losses))
-    assert_same(base, paged)
-    assert_between_steps(handle, paged)
+    assert_runs_match(base, paged, enable_paging(paged), between)
 
 
 def test_state_dict_and_deepcopy_after_a_write_between_forward_and_backward():
@@ -255,11 +259,8 @@ def test_numpy_of_a_parameter_between_forward_and_backward():
         for p in model.parameters():
             logged[model].append(p.detach().cpu().numpy().copy())
 
-    losses = [run(m, data(3), between) for m in (base, paged)]
-    assert all(torch.equal(a, b) for a, b in zip(*losses))
+    assert_runs_match(base, paged, handle, between)
     assert all((a == b).all() for a, b in zip(logged[base], logged[paged]))
-    assert_same(base, paged)
-    assert_between_steps(handle, paged)
 
 
 def test_deepcopy_of_an_alias_taken_between_forward_and_backward():
